@@ -1,0 +1,10 @@
+// normkit/normkit.hpp - everything in one include.
+#pragma once
+
+#include "normkit/dtype.hpp"
+#include "normkit/error.hpp"
+#include "normkit/layout.hpp"
+#include "normkit/norms.hpp"
+#include "normkit/runtime.hpp"
+#include "normkit/tensor.hpp"
+#include "normkit/version.hpp"

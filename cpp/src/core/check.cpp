@@ -1,0 +1,73 @@
+#include "core/check.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+
+namespace normkit::core {
+
+void check_eps(double eps, const char* argument) {
+  if (!std::isfinite(eps) || eps < 0) {
+    std::ostringstream s;
+    s << argument << ": must be a finite number >= 0, got " << eps;
+    fail_value(s.str());
+  }
+}
+
+void check_given(const TensorRef& t, const char* argument) {
+  if (!t.given) fail_value(std::string(argument) + ": is required");
+  for (int i = 0; i < t.shape.size(); ++i)
+    if (t.shape[i] < 0) fail_value(std::string(argument) + ": negative extent in shape " + t.shape.to_string());
+  if (t.data == nullptr && t.numel() != 0) fail_value(std::string(argument) + ": null data pointer");
+}
+
+void check_param(const TensorRef& t, const char* argument, const Dims& shape, DType dtype) {
+  check_given(t, argument);
+  if (t.shape != shape)
+    fail_value(std::string(argument) + ": expected shape " + shape.to_string() + ", got " + t.shape.to_string());
+  if (t.dtype != dtype)
+    fail_type(std::string(argument) + ": expected dtype " + to_string(dtype) + ", got " + to_string(t.dtype));
+  if (!t.is_contiguous()) fail_value(std::string(argument) + ": must be contiguous");
+}
+
+void check_stats_output(const TensorRef& t, const char* argument, std::int64_t count, DType dtype) {
+  check_given(t, argument);
+  if (t.numel() != count)
+    fail_value(std::string(argument) + ": expected " + std::to_string(count) + " elements, got shape " +
+               t.shape.to_string());
+  if (t.dtype != dtype)
+    fail_type(std::string(argument) + ": expected dtype " + to_string(dtype) + ", got " + to_string(t.dtype));
+  if (!t.is_contiguous()) fail_value(std::string(argument) + ": must be contiguous");
+}
+
+namespace {
+// [first, last) bytes spanned by a view (empty view: empty range).
+void byte_span(const TensorRef& t, std::uintptr_t& first, std::uintptr_t& last) {
+  const auto base = reinterpret_cast<std::uintptr_t>(t.data);
+  first = last = base;
+  if (t.numel() == 0) return;
+  std::int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t.shape.size(); ++i) {
+    const std::int64_t extent = (t.shape[i] - 1) * t.strides[i];
+    (extent < 0 ? lo : hi) += extent;
+  }
+  const std::int64_t size = element_size(t.dtype);
+  first = base + lo * size;
+  last = base + (hi + 1) * size;
+}
+}  // namespace
+
+bool same_memory(const TensorRef& a, const TensorRef& b) {
+  return a.data == b.data && a.shape == b.shape && a.strides == b.strides && a.dtype == b.dtype;
+}
+
+void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name) {
+  if (same_memory(x, y)) return;
+  std::uintptr_t x0, x1, y0, y1;
+  byte_span(x, x0, x1);
+  byte_span(y, y0, y1);
+  if (x0 < y1 && y0 < x1)
+    fail_value(std::string(y_name) + ": overlaps x without being x itself (in place needs y to be exactly x)");
+}
+
+}  // namespace normkit::core

@@ -1,0 +1,36 @@
+// core/check.hpp - argument validation helpers shared by the entry points.
+#pragma once
+
+#include <string>
+
+#include "normkit/error.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit::core {
+
+[[noreturn]] inline void fail_value(const std::string& message) { throw Error(ErrorKind::value, message); }
+[[noreturn]] inline void fail_type(const std::string& message) { throw Error(ErrorKind::type, message); }
+
+inline void require_value(bool ok, const std::string& message) {
+  if (!ok) fail_value(message);
+}
+
+// eps must be a finite number >= 0.
+void check_eps(double eps, const char* argument = "eps");
+
+// A required input/output tensor must be given.
+void check_given(const TensorRef& t, const char* argument);
+
+// `t` must have exactly `shape` and dtype `dtype`, and be contiguous.
+void check_param(const TensorRef& t, const char* argument, const Dims& shape, DType dtype);
+
+// An optional per-row statistics output: `count` contiguous elements of `dtype`.
+void check_stats_output(const TensorRef& t, const char* argument, std::int64_t count, DType dtype);
+
+// y must not overlap x unless it is exactly x (same address, same strides).
+void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name);
+
+// True when y is exactly x (in-place call).
+bool same_memory(const TensorRef& a, const TensorRef& b);
+
+}  // namespace normkit::core

@@ -1,0 +1,58 @@
+// kernels/kernel_api.hpp - the contract between the core and the per-ISA kernels.
+//
+// The core (plans, validation, dispatch) turns a norm call into one of a few
+// canonical problems, described here with plain pointers and extents, and
+// hands it to the kernel table of the active instruction set. Nothing in this
+// header is ISA-specific, so it is safe to include everywhere.
+#pragma once
+
+#include <cstdint>
+
+#include "normkit/dtype.hpp"
+
+namespace normkit::kernels {
+
+// Which statistic a rows problem normalizes with.
+enum class RowsNorm : std::uint8_t {
+  layer,  // subtract the mean, divide by the standard deviation
+  rms,    // divide by the root mean square
+};
+
+// The "rows" pattern: `rows` independent rows of `cols` contiguous elements.
+// Serves LayerNorm and RMSNorm (and, later, the channels-first instance/group
+// norms). Statistics per row; affine per column.
+struct RowsForward {
+  RowsNorm norm = RowsNorm::layer;
+  DType dtype = DType::float32;  // of x and y
+  bool params_float32 = false;   // weight/bias are float32 (16-bit x); else of `dtype`
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;          // > 0
+  const void* x = nullptr;
+  std::int64_t x_row_stride = 0;  // elements between row starts
+  void* y = nullptr;
+  std::int64_t y_row_stride = 0;
+  const void* weight = nullptr;  // `cols` elements or null
+  const void* bias = nullptr;    // `cols` elements or null (unused for rms)
+  void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (unused for rms)
+  void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
+  double eps = 1e-5;
+  bool streaming_stores = false;  // write y around the caches (large outputs)
+  int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
+};
+
+// One table per compiled instruction set. Kernels are looked up here, never
+// called by name, so the core is compiled once, for the baseline ISA.
+struct IsaKernels {
+  const char* name;
+  void (*rows_forward)(const RowsForward& problem);
+};
+
+namespace scalar { extern const IsaKernels kTable; }
+#if defined(NORMKIT_HAVE_AVX2_KERNELS)
+namespace avx2 { extern const IsaKernels kTable; }
+#endif
+#if defined(NORMKIT_HAVE_AVX512_KERNELS)
+namespace avx512 { extern const IsaKernels kTable; }
+#endif
+
+}  // namespace normkit::kernels

@@ -1,0 +1,113 @@
+#include "plan/rows_plan.hpp"
+
+#include <string>
+
+#include "core/check.hpp"
+#include "runtime/threads.hpp"
+
+namespace normkit::plan {
+
+bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out) {
+  const int rank = t.shape.size();
+  if (normalized_ndim > rank) return false;
+  // Trailing dims: dense, innermost first (size-1 dims may have any stride).
+  std::int64_t expected = 1;
+  for (int i = rank - 1; i >= rank - normalized_ndim; --i) {
+    if (t.shape[i] != 1 && t.strides[i] != expected) return false;
+    expected *= t.shape[i];
+  }
+  out.cols = expected;
+  // Leading dims: must step through memory as one evenly spaced sequence.
+  out.rows = 1;
+  out.row_stride = out.cols;
+  bool have_stride = false;
+  std::int64_t next = 0;  // stride the next-outer non-unit dim must have
+  for (int i = rank - normalized_ndim - 1; i >= 0; --i) {
+    if (t.shape[i] == 1) continue;
+    if (!have_stride) {
+      out.row_stride = t.strides[i];
+      have_stride = true;
+    } else if (t.strides[i] != next) {
+      return false;
+    }
+    next = t.strides[i] * t.shape[i];
+    out.rows *= t.shape[i];
+  }
+  for (int i = 0; i < rank - normalized_ndim; ++i)
+    if (t.shape[i] == 0) out.rows = 0;
+  return true;
+}
+
+namespace {
+void check_float_tensor(const TensorRef& t, const char* argument) { core::check_given(t, argument); }
+}  // namespace
+
+kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
+                                       const Dims& normalized_shape, const TensorRef& weight,
+                                       const TensorRef& bias, double eps, const TensorRef& mean,
+                                       const TensorRef& rstd) {
+  check_float_tensor(x, "x");
+  check_float_tensor(y, "y");
+  const int k = normalized_shape.size();
+  const int rank = x.shape.size();
+  if (k == 0) core::fail_value("normalized_shape: must name at least one dimension");
+  for (std::int64_t d : normalized_shape)
+    if (d < 0) core::fail_value("normalized_shape: negative extent in " + normalized_shape.to_string());
+  bool trailing_match = k <= rank;
+  for (int i = 0; trailing_match && i < k; ++i) trailing_match = x.shape[rank - k + i] == normalized_shape[i];
+  if (!trailing_match)
+    core::fail_value("normalized_shape: " + normalized_shape.to_string() +
+                     " does not match the trailing dims of x, whose shape is " + x.shape.to_string());
+  if (y.shape != x.shape)
+    core::fail_value("y: expected the shape of x " + x.shape.to_string() + ", got " + y.shape.to_string());
+  if (y.dtype != x.dtype)
+    core::fail_type(std::string("y: expected dtype ") + to_string(x.dtype) + " like x, got " + to_string(y.dtype));
+  core::check_eps(eps);
+  core::check_no_partial_overlap(x, y, "y");
+
+  RowsView xv, yv;
+  if (!as_rows(x, k, xv))
+    core::fail_value("x: the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride; pass a contiguous copy");
+  if (!as_rows(y, k, yv))
+    core::fail_value("y: the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride");
+
+  const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
+  DType param_dtype = x.dtype;
+  const TensorRef* first_param = weight.given ? &weight : (bias.given ? &bias : nullptr);
+  if (first_param != nullptr && half_precision && first_param->dtype == DType::float32)
+    param_dtype = DType::float32;
+  if (first_param != nullptr && first_param->dtype != param_dtype)
+    core::fail_type(std::string(first_param == &weight ? "weight" : "bias") + ": expected dtype " +
+                    to_string(x.dtype) + (half_precision ? " or float32" : "") + " for x of dtype " +
+                    to_string(x.dtype) + ", got " + to_string(first_param->dtype));
+  if (weight.given) core::check_param(weight, "weight", normalized_shape, param_dtype);
+  if (bias.given) core::check_param(bias, "bias", normalized_shape, param_dtype);
+
+  const DType stats = stats_dtype(x.dtype);
+  if (mean.given) core::check_stats_output(mean, "mean", xv.rows, stats);
+  if (rstd.given) core::check_stats_output(rstd, "rstd", xv.rows, stats);
+
+  kernels::RowsForward p;
+  p.norm = norm;
+  p.dtype = x.dtype;
+  p.params_float32 = param_dtype == DType::float32 && half_precision;
+  p.rows = xv.rows;
+  p.cols = xv.cols;
+  p.x = x.data;
+  p.x_row_stride = xv.row_stride;
+  p.y = y.data;
+  p.y_row_stride = yv.row_stride;
+  p.weight = weight.given ? weight.data : nullptr;
+  p.bias = bias.given ? bias.data : nullptr;
+  p.mean = mean.given ? mean.data : nullptr;
+  p.rstd = rstd.given ? rstd.data : nullptr;
+  p.eps = eps;
+  const std::int64_t bytes = xv.rows * xv.cols * element_size(x.dtype);
+  p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
+  p.threads = runtime::threads_for(2 * bytes);
+  return p;
+}
+
+}  // namespace normkit::plan

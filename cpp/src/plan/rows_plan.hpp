@@ -1,0 +1,32 @@
+// plan/rows_plan.hpp - mapping norm calls onto the "rows" canonical problem.
+//
+// LayerNorm and RMSNorm over the trailing k dims of x are R rows of
+// D = prod(normalized_shape) contiguous elements. (Channels-first instance and
+// group norms map here too: a row is one (sample, group) block.)
+#pragma once
+
+#include "kernels/kernel_api.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit::plan {
+
+// A tensor seen as `rows` rows of `cols` contiguous elements, row i at
+// data + i * row_stride elements.
+struct RowsView {
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t row_stride = 0;
+};
+
+// Whether `t`'s trailing `normalized_ndim` dims are contiguous and its leading
+// dims collapse to a single row stride; if so, fills `out`.
+bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out);
+
+// Validates a LayerNorm / RMSNorm call and builds its problem (threads and
+// store kind included). `bias` and `mean` must not be given for rms.
+kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
+                                       const Dims& normalized_shape, const TensorRef& weight,
+                                       const TensorRef& bias, double eps, const TensorRef& mean,
+                                       const TensorRef& rstd);
+
+}  // namespace normkit::plan

@@ -1,0 +1,74 @@
+#include "runtime/threads.hpp"
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "core/check.hpp"
+#include "normkit/runtime.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace normkit {
+
+namespace {
+std::atomic<int> g_num_threads{0};  // 0: not chosen yet
+
+int default_num_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();  // honours OMP_NUM_THREADS, else the core count
+#else
+  return 1;
+#endif
+}
+}  // namespace
+
+void set_num_threads(int n) {
+  if (n < 1) core::fail_value("n: number of threads must be >= 1, got " + std::to_string(n));
+  g_num_threads.store(n, std::memory_order_relaxed);
+}
+
+int get_num_threads() {
+  int n = g_num_threads.load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = default_num_threads();
+    if (n < 1) n = 1;
+    int expected = 0;
+    if (!g_num_threads.compare_exchange_strong(expected, n)) n = expected;
+  }
+  return n;
+}
+
+namespace runtime {
+
+int threads_for(std::int64_t bytes) {
+#if defined(_OPENMP)
+  const std::int64_t useful = bytes / kMinBytesPerThread;
+  const int n = get_num_threads();
+  if (useful <= 1) return 1;
+  return useful < n ? static_cast<int>(useful) : n;
+#else
+  (void)bytes;
+  return 1;
+#endif
+}
+
+namespace {
+std::int64_t streaming_threshold() {
+  static const std::int64_t threshold = [] {
+    const char* env = std::getenv("NORMKIT_STREAMING_MIN_BYTES");
+    if (env == nullptr || *env == '\0') return kStreamingMinBytes;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return (end != env && v >= 0) ? static_cast<std::int64_t>(v) : kStreamingMinBytes;
+  }();
+  return threshold;
+}
+}  // namespace
+
+bool use_streaming_stores(std::int64_t bytes) { return bytes >= streaming_threshold(); }
+
+}  // namespace runtime
+}  // namespace normkit

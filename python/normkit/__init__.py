@@ -1,0 +1,33 @@
+"""normkit: fast, exact normalization layers for NumPy arrays and C++ engines.
+
+Functions: layer_norm, rms_norm. Runtime: set_num_threads, get_num_threads, info.
+See README.md for the whole surface.
+"""
+
+from __future__ import annotations
+
+from . import _ext
+from ._functional import layer_norm, rms_norm
+
+__version__ = _ext.__version__
+
+set_num_threads = _ext.set_num_threads
+get_num_threads = _ext.get_num_threads
+
+
+def info() -> dict:
+    """What normkit was built with and what it found on this machine.
+
+    Keys: version, cpu_features, kernel_path (in use), kernel_paths_compiled,
+    kernel_paths_supported, num_threads, openmp, cuda_built, cuda_devices, build.
+    """
+    return _ext.info()
+
+
+def _set_kernel_path(name: str) -> None:
+    """Switch kernels at run time ("scalar", "avx2", "avx512"). For tests and bug
+    reports; the environment variable NORMKIT_ISA does the same at start-up."""
+    _ext.set_kernel_path(name)
+
+
+__all__ = ["layer_norm", "rms_norm", "set_num_threads", "get_num_threads", "info", "__version__"]

@@ -1,0 +1,84 @@
+"""Array intake shared by every normkit function: dtype checks, bfloat16 views."""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # bfloat16 arrays come from ml_dtypes (optional)
+    import ml_dtypes as _ml_dtypes
+
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+
+FLOAT16 = np.dtype(np.float16)
+FLOAT32 = np.dtype(np.float32)
+FLOAT64 = np.dtype(np.float64)
+
+_EXPECTED = "a floating-point array (float32, float64, float16 or ml_dtypes.bfloat16)"
+
+
+def is_bf16(dtype) -> bool:
+    return BFLOAT16 is not None and dtype == BFLOAT16
+
+
+def is_16bit(dtype) -> bool:
+    return dtype == FLOAT16 or is_bf16(dtype)
+
+
+def stats_dtype(dtype) -> np.dtype:
+    """float32 statistics for 16-bit inputs, the input's dtype otherwise."""
+    return FLOAT32 if is_16bit(dtype) else np.dtype(dtype)
+
+
+def as_input(x, name: str) -> np.ndarray:
+    """x as a NumPy array of a supported float dtype (no copy when it already is one)."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # e.g. objects that refuse conversion
+            raise TypeError(f"{name}: expected {_EXPECTED}, got {type(x).__name__}") from exc
+    dt = x.dtype
+    if (dt.kind == "f" and dt.itemsize <= 8) or is_bf16(dt):
+        return x
+    raise TypeError(f"{name}: expected {_EXPECTED}, got dtype {dt}")
+
+
+def as_param(p, name: str, x_dtype) -> np.ndarray | None:
+    """A weight/bias vector in the dtype the kernels take: x's dtype, or float32
+    for 16-bit x given float32 (or wider) parameters. Contiguous."""
+    if p is None:
+        return None
+    p = as_input(p, name)
+    if is_16bit(x_dtype):
+        target = p.dtype if (p.dtype == x_dtype or p.dtype == FLOAT32) else FLOAT32
+    else:
+        target = x_dtype
+    return np.ascontiguousarray(p, dtype=target)
+
+
+def kernel_view(a: np.ndarray | None):
+    """What the extension receives: bfloat16 travels as a uint16 view."""
+    if a is not None and is_bf16(a.dtype):
+        return a.view(np.uint16)
+    return a
+
+
+def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
+    """Validates a caller-given output array for a result shaped like x."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape} like x, got {out.shape}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: array is read-only")
+    if out is not x and np.may_share_memory(out, x):
+        same = (
+            out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+            and out.strides == x.strides
+        )
+        if not same and np.shares_memory(out, x):
+            raise ValueError(f"{name}: overlaps x without being x itself (pass out=x to work in place)")
+    return out

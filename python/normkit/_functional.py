@@ -1,0 +1,97 @@
+"""The normalization functions on arrays (normkit's functional API)."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _ext
+from ._dtypes import as_input, as_param, check_out, is_bf16, kernel_view, stats_dtype
+
+__all__ = ["layer_norm", "rms_norm"]
+
+
+def _normalized_shape(normalized_shape) -> tuple:
+    try:
+        if isinstance(normalized_shape, (tuple, list)):
+            shape = tuple(operator.index(d) for d in normalized_shape)
+        else:
+            shape = (operator.index(normalized_shape),)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape: expected an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+    if not shape:
+        raise ValueError("normalized_shape: must name at least one dimension")
+    return shape
+
+
+def _eps(eps) -> float:
+    try:
+        return float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps: expected a number, got {eps!r}") from None
+
+
+def _rows_input(x, normalized_shape):
+    """Checks x against normalized_shape; copies x once if the kernels cannot view it."""
+    x = as_input(x, "x")
+    shape = _normalized_shape(normalized_shape)
+    k = len(shape)
+    if x.ndim < k or x.shape[x.ndim - k :] != shape:
+        raise ValueError(
+            f"normalized_shape: {shape} does not match the trailing dims of x, whose shape is {x.shape}"
+        )
+    bf16 = is_bf16(x.dtype)
+    if not x.flags.c_contiguous and not _ext.rows_viewable(kernel_view(x), k, bf16):
+        # The normalized dims must be dense and the leading ones collapse to one
+        # stride; anything else is copied once, here.
+        x = np.ascontiguousarray(x)
+    return x, shape, bf16
+
+
+def _output(out, x):
+    return np.empty(x.shape, dtype=x.dtype) if out is None else check_out(out, x)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
+    """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance,
+    as ``torch.nn.functional.layer_norm``. Returns ``y``, or ``(y, mean, rstd)``
+    with ``return_stats=True`` (statistics of shape ``x.shape[:-k] + (1,)*k``,
+    float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
+    """
+    x, shape, bf16 = _rows_input(x, normalized_shape)
+    weight = as_param(weight, "weight", x.dtype)
+    bias = as_param(bias, "bias", x.dtype)
+    eps = _eps(eps)
+    y = _output(out, x)
+    mean = rstd = None
+    if return_stats:
+        stats_shape = x.shape[: x.ndim - len(shape)] + (1,) * len(shape)
+        mean = np.empty(stats_shape, dtype=stats_dtype(x.dtype))
+        rstd = np.empty(stats_shape, dtype=mean.dtype)
+    _ext.layer_norm(
+        kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd, bf16
+    )
+    return (y, mean, rstd) if return_stats else y
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight`` as ``torch.nn.functional.rms_norm``;
+    ``eps=None`` means the machine epsilon of ``x``'s dtype. Returns ``y``, or
+    ``(y, rstd)`` with ``return_stats=True``.
+    """
+    x, shape, bf16 = _rows_input(x, normalized_shape)
+    weight = as_param(weight, "weight", x.dtype)
+    eps = None if eps is None else _eps(eps)
+    y = _output(out, x)
+    rstd = None
+    if return_stats:
+        rstd = np.empty(x.shape[: x.ndim - len(shape)] + (1,) * len(shape), dtype=stats_dtype(x.dtype))
+    _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, bf16)
+    return (y, rstd) if return_stats else y

@@ -1,0 +1,143 @@
+// normkit._ext - the nanobind module behind the normkit Python package.
+//
+// Arrays arrive as nb::ndarray (NumPy through the buffer protocol or DLPack,
+// and anything else speaking DLPack), become normkit::TensorRef views without
+// a copy, and go to the same C++ entry points an engine calls. The Python
+// layer (normkit/_functional.py) allocates outputs and checks what only it
+// knows (argument names of the Python API); all other validation is C++'s.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "normkit/normkit.hpp"
+#include "plan/rows_plan.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using AnyArray = nb::ndarray<nb::ro, nb::device::cpu>;
+using OptArray = std::optional<AnyArray>;
+
+// DLPack dtype -> normkit dtype. `bf16_as_uint16`: the Python layer passes
+// ml_dtypes bfloat16 arrays as uint16 views (NumPy cannot export bfloat16).
+normkit::DType to_dtype(const AnyArray& a, const char* argument, bool bf16_as_uint16) {
+  const auto dt = a.dtype();
+  using code = nb::dlpack::dtype_code;
+  if (dt.lanes == 1) {
+    if (dt.code == static_cast<uint8_t>(code::Float)) {
+      if (dt.bits == 32) return normkit::DType::float32;
+      if (dt.bits == 64) return normkit::DType::float64;
+      if (dt.bits == 16) return normkit::DType::float16;
+    }
+    if (dt.code == static_cast<uint8_t>(code::Bfloat) && dt.bits == 16) return normkit::DType::bfloat16;
+    if (bf16_as_uint16 && dt.code == static_cast<uint8_t>(code::UInt) && dt.bits == 16)
+      return normkit::DType::bfloat16;
+  }
+  throw normkit::Error(normkit::ErrorKind::type,
+                       std::string(argument) +
+                           ": expected a floating-point array (float32, float64, float16 or bfloat16)");
+}
+
+normkit::TensorRef to_ref(const AnyArray& a, const char* argument, bool bf16) {
+  normkit::Dims shape, strides;
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    shape.push_back(static_cast<int64_t>(a.shape(i)));
+    strides.push_back(static_cast<int64_t>(a.stride(i)));
+  }
+  return normkit::TensorRef(const_cast<void*>(a.data()), to_dtype(a, argument, bf16), shape, strides);
+}
+
+normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
+  return a ? to_ref(*a, argument, bf16) : normkit::TensorRef{};
+}
+
+normkit::Dims to_dims(const std::vector<int64_t>& v) { return normkit::Dims(v.begin(), v.end()); }
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "normkit's compiled core. Use the functions of the `normkit` package.";
+  m.attr("__version__") = NORMKIT_VERSION_STRING;
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const normkit::Error& e) {
+      PyErr_SetString(e.kind() == normkit::ErrorKind::type ? PyExc_TypeError : PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def(
+      "layer_norm",
+      [](AnyArray x, AnyArray y, std::vector<int64_t> normalized_shape, OptArray weight, OptArray bias,
+         double eps, OptArray mean, OptArray rstd, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto shape = to_dims(normalized_shape);
+        nb::gil_scoped_release release;
+        normkit::layer_norm(xr, yr, shape, wr, br, eps, mr, rr);
+      },
+      "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "bias"_a.none(), "eps"_a, "mean"_a.none(),
+      "rstd"_a.none(), "bf16"_a);
+
+  m.def(
+      "rms_norm",
+      [](AnyArray x, AnyArray y, std::vector<int64_t> normalized_shape, OptArray weight, std::optional<double> eps,
+         OptArray rstd, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), rr = to_ref(rstd, "rstd", false);
+        const auto shape = to_dims(normalized_shape);
+        nb::gil_scoped_release release;
+        normkit::rms_norm(xr, yr, shape, wr, eps, rr);
+      },
+      "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "eps"_a.none(), "rstd"_a.none(), "bf16"_a);
+
+  m.def(
+      "rows_viewable",
+      [](AnyArray x, int normalized_ndim, bool bf16) {
+        normkit::plan::RowsView view;
+        return normkit::plan::as_rows(to_ref(x, "x", bf16), normalized_ndim, view);
+      },
+      "x"_a, "normalized_ndim"_a, "bf16"_a,
+      "Whether x can be normalized over its trailing dims without a copy.");
+
+  m.def("machine_epsilon", [](const std::string& dtype) {
+    for (auto d : {normkit::DType::float32, normkit::DType::float64, normkit::DType::float16, normkit::DType::bfloat16})
+      if (dtype == normkit::to_string(d)) return normkit::machine_epsilon(d);
+    throw normkit::Error(normkit::ErrorKind::type, "dtype: not a normkit dtype: " + dtype);
+  });
+
+  m.def("set_num_threads", &normkit::set_num_threads, "n"_a);
+  m.def("get_num_threads", &normkit::get_num_threads);
+  m.def("kernel_path", &normkit::kernel_path);
+  m.def("set_kernel_path", &normkit::set_kernel_path, "name"_a);
+
+  m.def("info", [] {
+    const auto info = normkit::runtime_info();
+    nb::dict build;
+    build["compiler"] = info.build.compiler;
+    build["kernel_flags"] = info.build.kernel_flags;
+    build["openmp"] = info.build.openmp;
+    nb::dict d;
+    d["version"] = info.build.version;
+    d["cpu_features"] = info.cpu_features;
+    d["kernel_path"] = info.kernel_path;
+    d["kernel_paths_compiled"] = info.kernel_paths_compiled;
+    d["kernel_paths_supported"] = info.kernel_paths_supported;
+    d["num_threads"] = info.num_threads;
+    d["openmp"] = info.build.openmp;
+    d["cuda_built"] = info.build.cuda_built;
+    d["cuda_devices"] = info.cuda_devices;
+    d["build"] = build;
+    return d;
+  });
+}
