@@ -13,6 +13,8 @@ __all__ = ["layer_norm", "rms_norm"]
 
 
 def _normalized_shape(normalized_shape) -> tuple:
+    if type(normalized_shape) is int:  # the common case, fast
+        return (normalized_shape,)
     try:
         if isinstance(normalized_shape, (tuple, list)):
             shape = tuple(operator.index(d) for d in normalized_shape)
@@ -52,7 +54,7 @@ def _rows_input(x, normalized_shape):
 
 
 def _output(out, x):
-    return np.empty(x.shape, dtype=x.dtype) if out is None else check_out(out, x)
+    return np.empty(x.shape, dtype=x.dtype) if out is None else check_out(out)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
@@ -64,8 +66,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
     """
     x, shape, bf16 = _rows_input(x, normalized_shape)
-    weight = as_param(weight, "weight", x.dtype)
-    bias = as_param(bias, "bias", x.dtype)
+    if weight is not None:
+        weight = as_param(weight, "weight", x.dtype)
+    if bias is not None:
+        bias = as_param(bias, "bias", x.dtype)
     eps = _eps(eps)
     y = _output(out, x)
     mean = rstd = None
@@ -73,9 +77,12 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
         stats_shape = x.shape[: x.ndim - len(shape)] + (1,) * len(shape)
         mean = np.empty(stats_shape, dtype=stats_dtype(x.dtype))
         rstd = np.empty(stats_shape, dtype=mean.dtype)
-    _ext.layer_norm(
-        kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd, bf16
-    )
+    if bf16:
+        _ext.layer_norm(
+            kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd, True
+        )
+    else:
+        _ext.layer_norm(x, y, shape, weight, bias, eps, mean, rstd, False)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -87,11 +94,15 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
     ``(y, rstd)`` with ``return_stats=True``.
     """
     x, shape, bf16 = _rows_input(x, normalized_shape)
-    weight = as_param(weight, "weight", x.dtype)
+    if weight is not None:
+        weight = as_param(weight, "weight", x.dtype)
     eps = None if eps is None else _eps(eps)
     y = _output(out, x)
     rstd = None
     if return_stats:
         rstd = np.empty(x.shape[: x.ndim - len(shape)] + (1,) * len(shape), dtype=stats_dtype(x.dtype))
-    _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, bf16)
+    if bf16:
+        _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, True)
+    else:
+        _ext.rms_norm(x, y, shape, weight, eps, rstd, False)
     return (y, rstd) if return_stats else y

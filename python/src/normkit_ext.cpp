@@ -4,7 +4,8 @@
 // and anything else speaking DLPack), become normkit::TensorRef views without
 // a copy, and go to the same C++ entry points an engine calls. The Python
 // layer (normkit/_functional.py) allocates outputs and checks what only it
-// knows (argument names of the Python API); all other validation is C++'s.
+// knows; all other validation is C++'s, with the output named "out" as in
+// the Python API.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -61,6 +62,22 @@ normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
 
 normkit::Dims to_dims(const std::vector<int64_t>& v) { return normkit::Dims(v.begin(), v.end()); }
 
+// Releases the GIL around a kernel call, unless the call is so small that the
+// release (a futex round trip) would cost more than the kernel itself.
+class KernelGilRelease {
+ public:
+  explicit KernelGilRelease(std::int64_t elements) : state_(elements >= kMinElements ? PyEval_SaveThread() : nullptr) {}
+  ~KernelGilRelease() {
+    if (state_) PyEval_RestoreThread(state_);
+  }
+  KernelGilRelease(const KernelGilRelease&) = delete;
+  KernelGilRelease& operator=(const KernelGilRelease&) = delete;
+
+ private:
+  static constexpr std::int64_t kMinElements = 16384;
+  PyThreadState* state_;
+};
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -82,9 +99,10 @@ NB_MODULE(_ext, m) {
         const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
         const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
         const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
-        const auto shape = to_dims(normalized_shape);
-        nb::gil_scoped_release release;
-        normkit::layer_norm(xr, yr, shape, wr, br, eps, mr, rr);
+        const auto problem = normkit::plan::plan_rows_forward(normkit::kernels::RowsNorm::layer, xr, yr,
+                                                              to_dims(normalized_shape), wr, br, eps, mr, rr, "out");
+        KernelGilRelease release(problem.rows * problem.cols);
+        normkit::plan::run_rows_forward(problem, mr, rr);
       },
       "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "bias"_a.none(), "eps"_a, "mean"_a.none(),
       "rstd"_a.none(), "bf16"_a);
@@ -95,9 +113,10 @@ NB_MODULE(_ext, m) {
          OptArray rstd, bool bf16) {
         const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
         const auto wr = to_ref(weight, "weight", bf16), rr = to_ref(rstd, "rstd", false);
-        const auto shape = to_dims(normalized_shape);
-        nb::gil_scoped_release release;
-        normkit::rms_norm(xr, yr, shape, wr, eps, rr);
+        const auto problem = normkit::plan::plan_rows_forward(normkit::kernels::RowsNorm::rms, xr, yr,
+                                                              to_dims(normalized_shape), wr, {}, eps, {}, rr, "out");
+        KernelGilRelease release(problem.rows * problem.cols);
+        normkit::plan::run_rows_forward(problem, {}, rr);
       },
       "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "eps"_a.none(), "rstd"_a.none(), "bf16"_a);
 

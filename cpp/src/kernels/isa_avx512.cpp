@@ -4,6 +4,10 @@
 
 #include "kernels/kernel_api.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #define NORMKIT_ISA_NAME avx512
 #define NORMKIT_ISA_STRING "avx512"
 #define NORMKIT_VEC_HEADER "kernels/simd/vec_avx512.inc"

@@ -1,8 +1,11 @@
 #include "plan/rows_plan.hpp"
 
+#include <limits>
 #include <string>
 
 #include "core/check.hpp"
+#include "normkit/norms.hpp"
+#include "runtime/dispatch.hpp"
 #include "runtime/threads.hpp"
 
 namespace normkit::plan {
@@ -38,16 +41,13 @@ bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out) {
   return true;
 }
 
-namespace {
-void check_float_tensor(const TensorRef& t, const char* argument) { core::check_given(t, argument); }
-}  // namespace
-
 kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
                                        const Dims& normalized_shape, const TensorRef& weight,
-                                       const TensorRef& bias, double eps, const TensorRef& mean,
-                                       const TensorRef& rstd) {
-  check_float_tensor(x, "x");
-  check_float_tensor(y, "y");
+                                       const TensorRef& bias, std::optional<double> eps_arg,
+                                       const TensorRef& mean, const TensorRef& rstd, const char* y_name) {
+  core::check_given(x, "x");
+  core::check_given(y, y_name);
+  const std::string yn = y_name;
   const int k = normalized_shape.size();
   const int rank = x.shape.size();
   if (k == 0) core::fail_value("normalized_shape: must name at least one dimension");
@@ -59,18 +59,19 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
     core::fail_value("normalized_shape: " + normalized_shape.to_string() +
                      " does not match the trailing dims of x, whose shape is " + x.shape.to_string());
   if (y.shape != x.shape)
-    core::fail_value("y: expected the shape of x " + x.shape.to_string() + ", got " + y.shape.to_string());
+    core::fail_value(yn + ": expected the shape of x " + x.shape.to_string() + ", got " + y.shape.to_string());
   if (y.dtype != x.dtype)
-    core::fail_type(std::string("y: expected dtype ") + to_string(x.dtype) + " like x, got " + to_string(y.dtype));
+    core::fail_type(yn + ": expected dtype " + to_string(x.dtype) + " like x, got " + to_string(y.dtype));
+  const double eps = eps_arg.has_value() ? *eps_arg : machine_epsilon(x.dtype);
   core::check_eps(eps);
-  core::check_no_partial_overlap(x, y, "y");
+  core::check_no_partial_overlap(x, y, y_name);
 
   RowsView xv, yv;
   if (!as_rows(x, k, xv))
     core::fail_value("x: the normalized dims must be contiguous and the leading dims must collapse to one "
                      "stride; pass a contiguous copy");
   if (!as_rows(y, k, yv))
-    core::fail_value("y: the normalized dims must be contiguous and the leading dims must collapse to one "
+    core::fail_value(yn + ": the normalized dims must be contiguous and the leading dims must collapse to one "
                      "stride");
 
   const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
@@ -108,6 +109,27 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(2 * bytes);
   return p;
+}
+
+namespace {
+// Rows of zero length have no statistics: report NaN, as 0/0 would.
+void fill_nan(const TensorRef& t) {
+  if (!t.given) return;
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (t.dtype == DType::float64) static_cast<double*>(t.data)[i] = std::numeric_limits<double>::quiet_NaN();
+    else static_cast<float*>(t.data)[i] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+}  // namespace
+
+void run_rows_forward(const kernels::RowsForward& p, const TensorRef& mean, const TensorRef& rstd) {
+  if (p.rows == 0) return;
+  if (p.cols == 0) {
+    fill_nan(mean);
+    fill_nan(rstd);
+    return;
+  }
+  runtime::active_kernels().rows_forward(p);
 }
 
 }  // namespace normkit::plan

@@ -5,6 +5,8 @@
 // group norms map here too: a row is one (sample, group) block.)
 #pragma once
 
+#include <optional>
+
 #include "kernels/kernel_api.hpp"
 #include "normkit/tensor.hpp"
 
@@ -23,10 +25,15 @@ struct RowsView {
 bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out);
 
 // Validates a LayerNorm / RMSNorm call and builds its problem (threads and
-// store kind included). `bias` and `mean` must not be given for rms.
+// store kind included). `bias` and `mean` must not be given for rms; an rms
+// call without eps gets machine_epsilon(x.dtype). Errors about y name it
+// `y_name` ("y" in C++, "out" from Python).
 kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
                                        const Dims& normalized_shape, const TensorRef& weight,
-                                       const TensorRef& bias, double eps, const TensorRef& mean,
-                                       const TensorRef& rstd);
+                                       const TensorRef& bias, std::optional<double> eps, const TensorRef& mean,
+                                       const TensorRef& rstd, const char* y_name = "y");
+
+// Runs a planned rows problem on the active kernels (empty problems included).
+void run_rows_forward(const kernels::RowsForward& problem, const TensorRef& mean, const TensorRef& rstd);
 
 }  // namespace normkit::plan

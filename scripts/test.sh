@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, builds and installs
+# normkit, then runs the Python tests (pytest) and the C++ tests (GoogleTest,
+# via ctest). Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages for the C++ tests (GoogleTest, Google Benchmark) ----------
+need_apt=()
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    step "installing ${need_apt[*]} from the system packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "NOTE: ${need_apt[*]} missing and cannot be installed here (needs apt-get as root):"
+    echo "      the C++ tests that need them are skipped. Install them to run everything."
+  fi
+fi
+
+# --- the package and the Python test requirements -------------------------------
+step "building and installing normkit with its test extras"
+"$PYTHON" -m pip install -q ".[test]"
+
+# PyTorch is a second oracle when it can be had (the suite passes without it).
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  step "trying to install torch==2.13.0 (optional second oracle)"
+  timeout 600 "$PYTHON" -m pip install -q torch==2.13.0 \
+    || echo "NOTE: torch not installed; the PyTorch comparisons will be skipped."
+fi
+
+# --- Python tests (run from outside the source tree: test the installed package) --
+step "Python tests"
+(cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider python)
+
+# --- C++ tests -----------------------------------------------------------------
+step "C++ tests"
+cmake -S . -B build/cpp-tests -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=ON >/dev/null
+cmake --build build/cpp-tests -j "$JOBS"
+ctest --test-dir build/cpp-tests --output-on-failure
