@@ -39,22 +39,21 @@ def as_input(x, name: str) -> np.ndarray:
         except Exception as exc:  # e.g. objects that refuse conversion
             raise TypeError(f"{name}: expected {_EXPECTED}, got {type(x).__name__}") from exc
     dt = x.dtype
-    if (dt.kind == "f" and dt.itemsize <= 8) or is_bf16(dt):
+    if dt == FLOAT32 or dt == FLOAT64 or dt == FLOAT16 or is_bf16(dt):
         return x
     raise TypeError(f"{name}: expected {_EXPECTED}, got dtype {dt}")
 
 
-def as_param(p, name: str, x_dtype) -> np.ndarray | None:
-    """A weight/bias vector in the dtype the kernels take: x's dtype, or float32
-    for 16-bit x given float32 (or wider) parameters. Contiguous."""
-    if p is None:
-        return None
-    p = as_input(p, name)
-    if is_16bit(x_dtype):
-        target = p.dtype if (p.dtype == x_dtype or p.dtype == FLOAT32) else FLOAT32
+def as_params(x_dtype, *named):
+    """Weight/bias vectors, given as (array or None, name) pairs, in the one
+    dtype the kernels take for all of them: x's dtype, or for 16-bit x float32
+    unless every given one already has x's dtype. Contiguous."""
+    arrays = [None if p is None else as_input(p, name) for p, name in named]
+    if is_16bit(x_dtype) and any(a is not None and a.dtype != x_dtype for a in arrays):
+        target = FLOAT32
     else:
         target = x_dtype
-    return np.ascontiguousarray(p, dtype=target)
+    return [None if a is None else np.ascontiguousarray(a, dtype=target) for a in arrays]
 
 
 def kernel_view(a: np.ndarray | None):
@@ -64,11 +63,13 @@ def kernel_view(a: np.ndarray | None):
     return a
 
 
-def check_out(out, name: str = "out") -> np.ndarray:
-    """A caller-given output array: a writable NumPy array. Its shape, dtype and
-    overlap with x are checked by the C++ core, which names it `out` too."""
+def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
+    """A caller-given output array: a writable NumPy array of x's dtype. Its
+    shape and overlap with x are checked by the C++ core, which names it `out` too."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name}: array is read-only")
     return out

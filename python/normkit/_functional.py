@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
 
 from . import _ext
-from ._dtypes import as_input, as_param, check_out, is_bf16, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, check_out, is_bf16, kernel_view, stats_dtype
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -30,10 +31,9 @@ def _normalized_shape(normalized_shape) -> tuple:
 
 
 def _eps(eps) -> float:
-    try:
-        return float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps: expected a number, got {eps!r}") from None
+    if not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a real number, got {eps!r}")
+    return float(eps)
 
 
 def _rows_input(x, normalized_shape):
@@ -46,15 +46,35 @@ def _rows_input(x, normalized_shape):
             f"normalized_shape: {shape} does not match the trailing dims of x, whose shape is {x.shape}"
         )
     bf16 = is_bf16(x.dtype)
+    given = x
     if not x.flags.c_contiguous and not _ext.rows_viewable(kernel_view(x), k, bf16):
         # The normalized dims must be dense and the leading ones collapse to one
         # stride; anything else is copied once, here.
         x = np.ascontiguousarray(x)
-    return x, shape, bf16
+    return x, shape, bf16, given
 
 
-def _output(out, x):
-    return np.empty(x.shape, dtype=x.dtype) if out is None else check_out(out)
+def _output(out, x, k, given):
+    """(array the kernel writes, array to copy it into afterwards or None).
+    `given` is x as the caller passed it (x itself may be a contiguous copy)."""
+    if out is None:
+        return np.empty(x.shape, dtype=x.dtype), None
+    out = check_out(out, x)
+    if (
+        out.shape == x.shape
+        and not out.flags.c_contiguous
+        and not _ext.rows_viewable(kernel_view(out), k, is_bf16(x.dtype))
+    ):
+        # An output the kernels cannot write row by row (e.g. out=x for a
+        # transposed x): compute into a fresh array, copy into out once.
+        is_given = (
+            out.__array_interface__["data"][0] == given.__array_interface__["data"][0]
+            and out.strides == given.strides
+        )
+        if not is_given and np.shares_memory(out, given):
+            raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
+        return np.empty(x.shape, dtype=x.dtype), out
+    return out, None
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
@@ -65,13 +85,11 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     with ``return_stats=True`` (statistics of shape ``x.shape[:-k] + (1,)*k``,
     float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
     """
-    x, shape, bf16 = _rows_input(x, normalized_shape)
-    if weight is not None:
-        weight = as_param(weight, "weight", x.dtype)
-    if bias is not None:
-        bias = as_param(bias, "bias", x.dtype)
+    x, shape, bf16, given = _rows_input(x, normalized_shape)
+    if weight is not None or bias is not None:
+        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     eps = _eps(eps)
-    y = _output(out, x)
+    y, copy_to = _output(out, x, len(shape), given)
     mean = rstd = None
     if return_stats:
         stats_shape = x.shape[: x.ndim - len(shape)] + (1,) * len(shape)
@@ -83,6 +101,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
         )
     else:
         _ext.layer_norm(x, y, shape, weight, bias, eps, mean, rstd, False)
+    if copy_to is not None:
+        np.copyto(copy_to, y)
+        y = copy_to
     return (y, mean, rstd) if return_stats else y
 
 
@@ -93,11 +114,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
     ``eps=None`` means the machine epsilon of ``x``'s dtype. Returns ``y``, or
     ``(y, rstd)`` with ``return_stats=True``.
     """
-    x, shape, bf16 = _rows_input(x, normalized_shape)
+    x, shape, bf16, given = _rows_input(x, normalized_shape)
     if weight is not None:
-        weight = as_param(weight, "weight", x.dtype)
+        (weight,) = as_params(x.dtype, (weight, "weight"))
     eps = None if eps is None else _eps(eps)
-    y = _output(out, x)
+    y, copy_to = _output(out, x, len(shape), given)
     rstd = None
     if return_stats:
         rstd = np.empty(x.shape[: x.ndim - len(shape)] + (1,) * len(shape), dtype=stats_dtype(x.dtype))
@@ -105,4 +126,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
         _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, True)
     else:
         _ext.rms_norm(x, y, shape, weight, eps, rstd, False)
+    if copy_to is not None:
+        np.copyto(copy_to, y)
+        y = copy_to
     return (y, rstd) if return_stats else y

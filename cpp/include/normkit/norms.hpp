@@ -19,8 +19,8 @@ namespace normkit {
 //   y = (x - mean) / sqrt(var + eps) * weight + bias      (biased variance)
 // x, y: same shape and dtype; the normalized (trailing) dims must be
 //   contiguous, the leading dims may have any strides that collapse to one.
-// weight, bias: optional, shape == normalized_shape, dtype == x's or float32
-//   (the latter for 16-bit x only), contiguous.
+// weight, bias: optional, shape == normalized_shape, contiguous, one dtype for
+//   both: x's, or float32 (for 16-bit x only).
 // mean, rstd: optional outputs of R = numel(x) / numel(normalized_shape)
 //   contiguous elements of stats_dtype(x.dtype); rstd = 1 / sqrt(var + eps).
 void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape,

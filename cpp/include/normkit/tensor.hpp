@@ -118,6 +118,7 @@ struct TensorRef {
 
   std::int64_t numel() const { return shape.product(); }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // no element to place
     std::int64_t expected = 1;
     for (int i = shape.size() - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expected) return false;

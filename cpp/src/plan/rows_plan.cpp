@@ -13,6 +13,14 @@ namespace normkit::plan {
 bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out) {
   const int rank = t.shape.size();
   if (normalized_ndim > rank) return false;
+  if (t.numel() == 0) {  // nothing is read or written: any strides will do
+    out.cols = 1;
+    for (int i = rank - normalized_ndim; i < rank; ++i) out.cols *= t.shape[i];
+    out.rows = 1;
+    for (int i = 0; i < rank - normalized_ndim; ++i) out.rows *= t.shape[i];
+    out.row_stride = out.cols;
+    return true;
+  }
   // Trailing dims: dense, innermost first (size-1 dims may have any stride).
   std::int64_t expected = 1;
   for (int i = rank - 1; i >= rank - normalized_ndim; --i) {
