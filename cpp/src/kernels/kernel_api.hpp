@@ -14,13 +14,18 @@ namespace normkit::kernels {
 
 // Which statistic a rows problem normalizes with.
 enum class RowsNorm : std::uint8_t {
-  layer,  // subtract the mean, divide by the standard deviation
-  rms,    // divide by the root mean square
+  layer,        // subtract the mean, divide by the standard deviation
+  rms,          // divide by the root mean square
+  scale_shift,  // statistics known: y = x * weight[p] + bias[p] (per segment)
 };
 
 // The "rows" pattern: `rows` independent rows of `cols` contiguous elements.
-// Serves LayerNorm and RMSNorm (and, later, the channels-first instance/group
-// norms). Statistics per row; affine per column.
+// Serves LayerNorm and RMSNorm (affine per column) and the channels-first
+// instance/group norms, AdaIN and folded BatchNorm inference (affine per
+// segment). Statistics per row.
+//
+// Affine per segment (segments > 0): a row is `segments` equal runs; run j of
+// row r uses weight/bias entry (r % param_period) * segments + j.
 struct RowsForward {
   RowsNorm norm = RowsNorm::layer;
   DType dtype = DType::float32;  // of x and y
@@ -29,12 +34,15 @@ struct RowsForward {
   std::int64_t cols = 0;          // > 0
   const void* x = nullptr;
   std::int64_t x_row_stride = 0;  // elements between row starts
-  void* y = nullptr;
+  void* y = nullptr;               // null: statistics only
   std::int64_t y_row_stride = 0;
-  const void* weight = nullptr;  // `cols` elements or null
-  const void* bias = nullptr;    // `cols` elements or null (unused for rms)
-  void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (unused for rms)
+  std::int64_t segments = 0;      // 0: affine per column
+  std::int64_t param_period = 1;  // see above
+  const void* weight = nullptr;  // per column or per segment entry, or null (scale_shift: the scales)
+  const void* bias = nullptr;    // likewise, or null; unused for rms (scale_shift: the shifts)
+  void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (layer only)
   void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
+  void* var = nullptr;           // `rows` biased variances of stats_dtype(dtype) or null (layer only)
   double eps = 1e-5;
   bool streaming_stores = false;  // write y around the caches (large outputs)
   int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
