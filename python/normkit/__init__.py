@@ -1,12 +1,15 @@
 """normkit: fast, exact normalization layers for NumPy arrays and C++ engines.
 
-Functions: layer_norm, rms_norm. Runtime: set_num_threads, get_num_threads, info.
+Functions: layer_norm, rms_norm, batch_norm, instance_norm, group_norm,
+adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...).
+Runtime: set_num_threads, get_num_threads, info.
 See README.md for the whole surface.
 """
 
 from __future__ import annotations
 
 from . import _ext
+from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
 from ._functional import layer_norm, rms_norm
 
 __version__ = _ext.__version__
@@ -30,4 +33,16 @@ def _set_kernel_path(name: str) -> None:
     _ext.set_kernel_path(name)
 
 
-__all__ = ["layer_norm", "rms_norm", "set_num_threads", "get_num_threads", "info", "__version__"]
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "batch_norm",
+    "instance_norm",
+    "group_norm",
+    "adaptive_instance_norm",
+    "Layout",
+    "set_num_threads",
+    "get_num_threads",
+    "info",
+    "__version__",
+]

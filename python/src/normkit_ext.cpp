@@ -62,6 +62,24 @@ normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
 
 normkit::Dims to_dims(const std::vector<int64_t>& v) { return normkit::Dims(v.begin(), v.end()); }
 
+std::optional<normkit::Layout> to_layout(const std::optional<std::string>& name) {
+  if (!name) return std::nullopt;
+  return normkit::parse_layout(*name, "layout");
+}
+
+// The C++ API calls its output `y`; the Python API calls it `out`. Errors about
+// it are renamed on the way out so that the message names the Python argument.
+template <class F>
+void naming_out(F&& call) {
+  try {
+    call();
+  } catch (const normkit::Error& e) {
+    const std::string what = e.what();
+    if (what.rfind("y: ", 0) == 0) throw normkit::Error(e.kind(), "out: " + what.substr(3));
+    throw;
+  }
+}
+
 // Releases the GIL around a kernel call, unless the call is so small that the
 // release (a futex round trip) would cost more than the kernel itself.
 class KernelGilRelease {
@@ -119,6 +137,79 @@ NB_MODULE(_ext, m) {
         normkit::plan::run_rows_forward(problem, {}, rr);
       },
       "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "eps"_a.none(), "rstd"_a.none(), "bf16"_a);
+
+  nb::enum_<normkit::Layout>(m, "Layout", "Where the channel axis is (N: batch, C: channels, L/H/W/D: spatial).")
+      .value("NC", normkit::Layout::NC)
+      .value("NCL", normkit::Layout::NCL)
+      .value("NLC", normkit::Layout::NLC)
+      .value("NCHW", normkit::Layout::NCHW)
+      .value("NHWC", normkit::Layout::NHWC)
+      .value("NCDHW", normkit::Layout::NCDHW)
+      .value("NDHWC", normkit::Layout::NDHWC);
+
+  m.def(
+      "batch_norm",
+      [](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight, OptArray bias,
+         bool training, double momentum, double eps, std::optional<std::string> layout, OptArray mean,
+         OptArray rstd, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        naming_out([&] { normkit::batch_norm(xr, yr, rm, rv, wr, br, training, momentum, eps, lay, mr, rr); });
+      },
+      "x"_a, "y"_a, "running_mean"_a.none(), "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(),
+      "training"_a, "momentum"_a, "eps"_a, "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+
+  m.def(
+      "instance_norm",
+      [](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight, OptArray bias,
+         bool use_input_stats, double momentum, double eps, std::optional<std::string> layout, OptArray mean,
+         OptArray rstd, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        naming_out(
+            [&] { normkit::instance_norm(xr, yr, rm, rv, wr, br, use_input_stats, momentum, eps, lay, mr, rr); });
+      },
+      "x"_a, "y"_a, "running_mean"_a.none(), "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(),
+      "use_input_stats"_a, "momentum"_a, "eps"_a, "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+
+  m.def(
+      "group_norm",
+      [](AnyArray x, AnyArray y, int64_t num_groups, OptArray weight, OptArray bias, double eps,
+         std::optional<std::string> layout, OptArray mean, OptArray rstd, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        naming_out([&] { normkit::group_norm(xr, yr, num_groups, wr, br, eps, lay, mr, rr); });
+      },
+      "x"_a, "y"_a, "num_groups"_a, "weight"_a.none(), "bias"_a.none(), "eps"_a, "layout"_a.none(),
+      "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+
+  m.def(
+      "adaptive_instance_norm",
+      [](AnyArray x, AnyArray y, OptArray style, OptArray style_mean, OptArray style_std, double eps,
+         std::optional<std::string> layout, bool bf16) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+        const auto sr = to_ref(style, "style", bf16);
+        const auto smr = to_ref(style_mean, "style", bf16), ssr = to_ref(style_std, "style", bf16);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        naming_out([&] {
+          if (sr.given) normkit::adaptive_instance_norm(xr, yr, sr, eps, lay);
+          else normkit::adaptive_instance_norm(xr, yr, smr, ssr, eps, lay);
+        });
+      },
+      "x"_a, "y"_a, "style"_a.none(), "style_mean"_a.none(), "style_std"_a.none(), "eps"_a, "layout"_a.none(),
+      "bf16"_a);
 
   m.def(
       "rows_viewable",

@@ -10,6 +10,7 @@
 
 #include <optional>
 
+#include "normkit/layout.hpp"
 #include "normkit/tensor.hpp"
 
 namespace normkit {
@@ -37,5 +38,54 @@ void rms_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_sha
 
 // Machine epsilon of a dtype (what rms_norm uses when eps is not given).
 double machine_epsilon(DType dtype);
+
+// ---- channel norms ----------------------------------------------------------
+// x has a channel layout (normkit/layout.hpp): N, C and spatial axes S; the
+// default (nullopt) is the channels-first layout of x's rank, as in PyTorch.
+// x and y must be contiguous in that layout; y has x's shape, dtype and layout.
+// weight, bias: optional, shape (C), dtype x's or float32 (16-bit x), one dtype for both.
+// Running statistics: shape (C), float32 or x's dtype, contiguous; updated in
+// place where the norm says so. Optional outputs mean/rstd: contiguous,
+// stats_dtype(x.dtype), of the size each norm states. Small O(N*C) scratch is
+// allocated for statistics tables.
+
+// BatchNorm, as torch.nn.functional.batch_norm. training: normalize with the
+// batch statistics (biased variance) and, if running statistics are given,
+// update them: r = (1 - momentum) * r + momentum * batch (unbiased variance for
+// running_var); fewer than 2 values per channel is an error. Otherwise normalize
+// with the running statistics (required), folded into one multiply-add.
+// mean, rstd: (C) - the statistics used to normalize.
+void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                const TensorRef& running_var, const TensorRef& weight = {}, const TensorRef& bias = {},
+                bool training = false, double momentum = 0.1, double eps = 1e-5,
+                std::optional<Layout> layout = std::nullopt, const TensorRef& mean = {},
+                const TensorRef& rstd = {});
+
+// InstanceNorm, as torch.nn.functional.instance_norm: statistics per (sample,
+// channel) over the spatial axes when use_input_stats (then running statistics,
+// if given, get the batch mean of the per-instance statistics, unbiased variance;
+// one spatial element is an error), else the running statistics (required).
+// mean, rstd: (N, C).
+void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean = {},
+                   const TensorRef& running_var = {}, const TensorRef& weight = {}, const TensorRef& bias = {},
+                   bool use_input_stats = true, double momentum = 0.1, double eps = 1e-5,
+                   std::optional<Layout> layout = std::nullopt, const TensorRef& mean = {},
+                   const TensorRef& rstd = {});
+
+// GroupNorm, as torch.nn.functional.group_norm: statistics per (sample, group of
+// C / num_groups channels); num_groups must divide C. mean, rstd: (N, num_groups).
+void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups, const TensorRef& weight = {},
+                const TensorRef& bias = {}, double eps = 1e-5, std::optional<Layout> layout = std::nullopt,
+                const TensorRef& mean = {}, const TensorRef& rstd = {});
+
+// Adaptive instance norm: y = (x - mean(x)) / sqrt(var(x) + eps) * style_std + style_mean
+// per (sample, channel), biased variances. From a style feature map (same layout
+// and N, C as x, any spatial size; style_std = sqrt(var(style) + eps)) ...
+void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps = 1e-5,
+                            std::optional<Layout> layout = std::nullopt);
+// ... or from given statistics of shape (N, C) (x's dtype or float32).
+void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
+                            const TensorRef& style_std, double eps = 1e-5,
+                            std::optional<Layout> layout = std::nullopt);
 
 }  // namespace normkit

@@ -40,6 +40,10 @@ struct RowsForward {
   std::int64_t param_period = 1;  // see above
   const void* weight = nullptr;  // per column or per segment entry, or null (scale_shift: the scales)
   const void* bias = nullptr;    // likewise, or null; unused for rms (scale_shift: the shifts)
+  // scale_shift only, optional, per segment entry in stats_dtype(dtype):
+  // y = ((x - center_hi) - center_lo) * scale + shift (exact when the data has a large mean).
+  const void* center_hi = nullptr;
+  const void* center_lo = nullptr;
   void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (layer only)
   void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
   void* var = nullptr;           // `rows` biased variances of stats_dtype(dtype) or null (layer only)
@@ -48,11 +52,43 @@ struct RowsForward {
   int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
 };
 
+// The "columns" pattern, statistics: `batches` x `rows` x `cols` contiguous
+// elements (x[b, m, c] at (b * rows + m) * cols + c). The rows of each batch
+// are cut into blocks of `block_rows`; block k of batch b writes its per-column
+// mean and M2 to partial_mean / partial_m2 [(b * blocks + k) * cols + c].
+struct ColumnsStats {
+  DType dtype = DType::float32;
+  std::int64_t batches = 0, rows = 0, cols = 0, block_rows = 1;
+  const void* x = nullptr;
+  double* partial_mean = nullptr;
+  double* partial_m2 = nullptr;
+  void* scratch = nullptr;  // threads * 4 * cols elements of stats_dtype(dtype)
+  int threads = 1;
+};
+
+// The "columns" pattern, output: y = ((x - center_hi) - center_lo) * scale + shift
+// with tables of batches * cols entries in stats_dtype(dtype) (center tables
+// may be null: no centering, the folded form).
+struct ColumnsApply {
+  DType dtype = DType::float32;
+  std::int64_t batches = 0, rows = 0, cols = 0;
+  const void* x = nullptr;
+  void* y = nullptr;
+  const void* scale = nullptr;
+  const void* shift = nullptr;
+  const void* center_hi = nullptr;
+  const void* center_lo = nullptr;
+  bool streaming_stores = false;
+  int threads = 1;
+};
+
 // One table per compiled instruction set. Kernels are looked up here, never
 // called by name, so the core is compiled once, for the baseline ISA.
 struct IsaKernels {
   const char* name;
   void (*rows_forward)(const RowsForward& problem);
+  void (*columns_stats)(const ColumnsStats& problem);
+  void (*columns_apply)(const ColumnsApply& problem);
 };
 
 namespace scalar { extern const IsaKernels kTable; }

@@ -1,0 +1,297 @@
+// norms/channel_norms.cpp - BatchNorm, InstanceNorm, GroupNorm and AdaIN entry points.
+//
+// Each validates its arguments, gets statistics through the channel plan
+// (plan/channel_plan.hpp), turns them and the affine into per-channel (or per
+// (sample, channel)) tables, and applies them. Running statistics are updated
+// here, in double, after y is written (so in-place calls see the original x).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "core/check.hpp"
+#include "normkit/norms.hpp"
+#include "plan/channel_plan.hpp"
+
+namespace normkit {
+
+namespace {
+
+using plan::ChannelGeometry;
+using plan::Moments;
+
+double param_or(const TensorRef& t, std::int64_t i, double fallback) {
+  return t.given ? plan::read_element(t, i) : fallback;
+}
+
+void check_momentum(double momentum) {
+  if (!std::isfinite(momentum))
+    core::fail_value("momentum: must be a finite number, got " + std::to_string(momentum));
+}
+
+// The dtype weight and bias share (validated): x's, or float32 for 16-bit x.
+DType param_dtype(const TensorRef& weight, const TensorRef& bias, DType x_dtype) {
+  const TensorRef* first = weight.given ? &weight : (bias.given ? &bias : nullptr);
+  if (first && (x_dtype == DType::float16 || x_dtype == DType::bfloat16) && first->dtype == DType::float32)
+    return DType::float32;
+  return x_dtype;
+}
+
+void check_affine(const TensorRef& weight, const TensorRef& bias, std::int64_t channels, DType x_dtype) {
+  const DType pd = param_dtype(weight, bias, x_dtype);
+  if (weight.given) core::check_param(weight, "weight", Dims{channels}, pd);
+  if (bias.given) core::check_param(bias, "bias", Dims{channels}, pd);
+}
+
+std::vector<double> rstd_of(const std::vector<double>& var, double eps) {
+  std::vector<double> r(var.size());
+  for (std::size_t i = 0; i < var.size(); ++i) r[i] = 1.0 / std::sqrt(var[i] + eps);
+  return r;
+}
+
+// r = (1 - momentum) * r + momentum * value.
+void update_running(const TensorRef& running, const std::vector<double>& values, double momentum) {
+  if (!running.given) return;
+  for (std::size_t c = 0; c < values.size(); ++c) {
+    const auto i = static_cast<std::int64_t>(c);
+    plan::write_element(running, i, (1 - momentum) * plan::read_element(running, i) + momentum * values[c]);
+  }
+}
+
+// Folded normalization with known per-channel statistics (inference).
+void apply_running(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, const TensorRef& running_mean,
+                   const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, double eps,
+                   std::vector<double>& mean_out, std::vector<double>& rstd_out) {
+  std::vector<double> scale(g.c), shift(g.c);
+  mean_out.resize(g.c);
+  rstd_out.resize(g.c);
+  for (std::int64_t c = 0; c < g.c; ++c) {
+    mean_out[c] = plan::read_element(running_mean, c);
+    rstd_out[c] = 1.0 / std::sqrt(plan::read_element(running_var, c) + eps);
+    scale[c] = param_or(weight, c, 1.0) * rstd_out[c];
+    shift[c] = param_or(bias, c, 0.0) - mean_out[c] * scale[c];
+  }
+  plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, nullptr);
+}
+
+void require_running(const TensorRef& t, const char* name, const char* when) {
+  if (!t.given) core::fail_value(std::string(name) + ": required " + when);
+}
+
+}  // namespace
+
+void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, bool training,
+                double momentum, double eps, std::optional<Layout> layout, const TensorRef& mean,
+                const TensorRef& rstd) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_affine(weight, bias, g.c, x.dtype);
+  plan::check_running_stat(running_mean, "running_mean", g.c, x.dtype);
+  plan::check_running_stat(running_var, "running_var", g.c, x.dtype);
+  if (running_mean.given != running_var.given)
+    core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
+                     ": running_mean and running_var must be given together");
+  if (mean.given) core::check_stats_output(mean, "mean", g.c, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", g.c, stats_dtype(x.dtype));
+
+  std::vector<double> mean_c, rstd_c;
+  if (!training) {
+    require_running(running_mean, "running_mean", "when training is false");
+    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
+  } else {
+    const std::int64_t count = g.n * g.s;
+    if (count <= 1)
+      core::fail_value("x: expected more than 1 value per channel when training, got input of shape " +
+                       x.shape.to_string());
+    const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
+    mean_c = m.mean;
+    rstd_c = rstd_of(m.var, eps);
+    std::vector<double> scale(g.c), shift(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) {
+      scale[c] = param_or(weight, c, 1.0) * rstd_c[c];
+      shift[c] = param_or(bias, c, 0.0);
+    }
+    plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &m.mean);
+    std::vector<double> unbiased(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) unbiased[c] = m.var[c] * double(count) / double(count - 1);
+    update_running(running_mean, m.mean, momentum);
+    update_running(running_var, unbiased, momentum);
+  }
+  plan::write_stats_output(mean, "mean", mean_c, x.dtype);
+  plan::write_stats_output(rstd, "rstd", rstd_c, x.dtype);
+}
+
+void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                   const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
+                   bool use_input_stats, double momentum, double eps, std::optional<Layout> layout,
+                   const TensorRef& mean, const TensorRef& rstd) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_affine(weight, bias, g.c, x.dtype);
+  plan::check_running_stat(running_mean, "running_mean", g.c, x.dtype);
+  plan::check_running_stat(running_var, "running_var", g.c, x.dtype);
+  if (running_mean.given != running_var.given)
+    core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
+                     ": running_mean and running_var must be given together");
+  if (mean.given) core::check_stats_output(mean, "mean", g.n * g.c, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * g.c, stats_dtype(x.dtype));
+
+  std::vector<double> mean_nc, rstd_nc;
+  if (!use_input_stats) {
+    require_running(running_mean, "running_mean", "when use_input_stats is false");
+    std::vector<double> mean_c, rstd_c;
+    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
+    for (std::int64_t n = 0; n < g.n; ++n) {
+      mean_nc.insert(mean_nc.end(), mean_c.begin(), mean_c.end());
+      rstd_nc.insert(rstd_nc.end(), rstd_c.begin(), rstd_c.end());
+    }
+  } else {
+    if (g.s <= 1 && x.numel() > 0)
+      core::fail_value("x: expected more than 1 spatial element when training, got input of shape " +
+                       x.shape.to_string());
+    Moments m;
+    if (!g.channels_last) {
+      plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
+                             param_dtype(weight, bias, x.dtype), g.c, eps, m);
+    } else {
+      m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
+      std::vector<double> scale(g.n * g.c), shift(g.n * g.c);
+      const auto r = rstd_of(m.var, eps);
+      for (std::int64_t i = 0; i < g.n * g.c; ++i) {
+        scale[i] = param_or(weight, i % g.c, 1.0) * r[i];
+        shift[i] = param_or(bias, i % g.c, 0.0);
+      }
+      plan::channel_apply(x, y, g, /*per_sample=*/true, scale, shift, &m.mean);
+    }
+    mean_nc = m.mean;
+    rstd_nc = rstd_of(m.var, eps);
+    if (running_mean.given && g.n > 0) {
+      std::vector<double> batch_mean(g.c, 0.0), batch_var(g.c, 0.0);
+      const double unbias = double(g.s) / double(g.s - 1);
+      for (std::int64_t n = 0; n < g.n; ++n)
+        for (std::int64_t c = 0; c < g.c; ++c) {
+          batch_mean[c] += m.mean[n * g.c + c] / double(g.n);
+          batch_var[c] += m.var[n * g.c + c] * unbias / double(g.n);
+        }
+      update_running(running_mean, batch_mean, momentum);
+      update_running(running_var, batch_var, momentum);
+    }
+  }
+  plan::write_stats_output(mean, "mean", mean_nc, x.dtype);
+  plan::write_stats_output(rstd, "rstd", rstd_nc, x.dtype);
+}
+
+void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups, const TensorRef& weight,
+                const TensorRef& bias, double eps, std::optional<Layout> layout, const TensorRef& mean,
+                const TensorRef& rstd) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  if (num_groups <= 0 || g.c % num_groups != 0)
+    core::fail_value("num_groups: must be a positive divisor of the number of channels C=" + std::to_string(g.c) +
+                     ", got " + std::to_string(num_groups));
+  check_affine(weight, bias, g.c, x.dtype);
+  if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
+
+  Moments m;
+  if (!g.channels_last) {
+    plan::fused_group_rows(x, y, g, num_groups, weight.given ? weight.data : nullptr,
+                           bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m);
+  } else {
+    m = plan::channel_moments(x, g, num_groups, /*per_sample=*/true);
+    const std::int64_t per_group = g.c / num_groups;
+    const auto r = rstd_of(m.var, eps);
+    std::vector<double> scale(g.n * g.c), shift(g.n * g.c), center(g.n * g.c);
+    for (std::int64_t n = 0; n < g.n; ++n)
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        const std::int64_t grp = n * num_groups + c / per_group;
+        scale[n * g.c + c] = param_or(weight, c, 1.0) * r[grp];
+        shift[n * g.c + c] = param_or(bias, c, 0.0);
+        center[n * g.c + c] = m.mean[grp];
+      }
+    plan::channel_apply(x, y, g, /*per_sample=*/true, scale, shift, &center);
+  }
+  plan::write_stats_output(mean, "mean", m.mean, x.dtype);
+  plan::write_stats_output(rstd, "rstd", rstd_of(m.var, eps), x.dtype);
+}
+
+namespace {
+
+void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g,
+                 const std::vector<double>& style_mean, const std::vector<double>& style_std, double eps) {
+  if (x.numel() == 0) return;
+  if (g.s <= 1)
+    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
+  if (!g.channels_last) {
+    // One fused pass: per (sample, channel) row, weight = style std, bias = style mean.
+    const DType table_dtype = x.dtype == DType::float64 ? DType::float64 : DType::float32;
+    std::vector<float> wf, bf;
+    std::vector<double> wd, bd;
+    const void* w;
+    const void* b;
+    if (table_dtype == DType::float64) {
+      wd = style_std;
+      bd = style_mean;
+      w = wd.data();
+      b = bd.data();
+    } else {
+      wf.assign(style_std.begin(), style_std.end());
+      bf.assign(style_mean.begin(), style_mean.end());
+      w = wf.data();
+      b = bf.data();
+    }
+    Moments m;
+    plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m);
+    return;
+  }
+  const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
+  const auto r = rstd_of(m.var, eps);
+  std::vector<double> scale(g.n * g.c);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) scale[i] = style_std[i] * r[i];
+  plan::channel_apply(x, y, g, /*per_sample=*/true, scale, style_mean, &m.mean);
+}
+
+}  // namespace
+
+void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps,
+                            std::optional<Layout> layout) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  const ChannelGeometry gs = plan::channel_geometry(style, g.layout, "style");
+  if (gs.n != g.n || gs.c != g.c)
+    core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
+                     " like x, got shape " + style.shape.to_string());
+  if (style.dtype != x.dtype)
+    core::fail_type(std::string("style: expected dtype ") + to_string(x.dtype) + " like x, got " +
+                    to_string(style.dtype));
+  if (gs.s < 1 && style.numel() == 0 && x.numel() > 0)
+    core::fail_value("style: has no spatial elements");
+  const Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
+  std::vector<double> style_std(ms.var.size());
+  for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
+  adain_apply(x, y, g, ms.mean, style_std, eps);
+}
+
+void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
+                            const TensorRef& style_std, double eps, std::optional<Layout> layout) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
+  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
+  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  std::vector<double> mean(g.n * g.c), std_(g.n * g.c);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) {
+    mean[i] = plan::read_element(style_mean, i);
+    std_[i] = plan::read_element(style_std, i);
+  }
+  adain_apply(x, y, g, mean, std_, eps);
+}
+
+}  // namespace normkit

@@ -1,0 +1,321 @@
+#include "plan/channel_plan.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "core/check.hpp"
+#include "kernels/kernel_api.hpp"
+#include "runtime/dispatch.hpp"
+#include "runtime/threads.hpp"
+
+namespace normkit::plan {
+
+namespace {
+
+// Chan et al.: merges (count, mean, M2) summaries in a fixed order.
+struct Summary {
+  double count = 0, mean = 0, m2 = 0;
+  void add(double n, double m, double q) {
+    if (n == 0) return;
+    const double total = count + n;
+    const double delta = m - mean;
+    mean += delta * (n / total);
+    m2 += q + delta * delta * (count * (n / total));
+    count = total;
+  }
+};
+
+bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
+
+// Elements of the stats dtype, converted from double tables.
+struct AccTable {
+  std::vector<float> f;
+  std::vector<double> d;
+  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
+};
+AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
+  AccTable t;
+  if (x_dtype == DType::float64) t.d = v;
+  else t.f.assign(v.begin(), v.end());
+  return t;
+}
+
+std::int64_t columns_block_rows(std::int64_t cols, DType dtype) {
+  // ~256 KiB per block: stays in L2 between the two passes.
+  const std::int64_t rows = (256 * 1024) / (cols * element_size(dtype) + 1);
+  return rows < 16 ? 16 : (rows > 4096 ? 4096 : rows);
+}
+
+}  // namespace
+
+double read_element(const TensorRef& t, std::int64_t i) {
+  switch (t.dtype) {
+    case DType::float32: return static_cast<const float*>(t.data)[i];
+    case DType::float64: return static_cast<const double*>(t.data)[i];
+    case DType::float16: return static_cast<float>(static_cast<const half*>(t.data)[i]);
+    case DType::bfloat16: return static_cast<float>(static_cast<const bfloat16*>(t.data)[i]);
+  }
+  return 0;
+}
+
+void write_element(const TensorRef& t, std::int64_t i, double v) {
+  switch (t.dtype) {
+    case DType::float32: static_cast<float*>(t.data)[i] = static_cast<float>(v); return;
+    case DType::float64: static_cast<double*>(t.data)[i] = v; return;
+    case DType::float16: static_cast<half*>(t.data)[i] = half(static_cast<float>(v)); return;
+    case DType::bfloat16: static_cast<bfloat16*>(t.data)[i] = bfloat16(static_cast<float>(v)); return;
+  }
+}
+
+ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layout, const char* x_name) {
+  core::check_given(x, x_name);
+  const int rank = x.shape.size();
+  ChannelGeometry g;
+  g.layout = layout ? *layout : default_layout(rank);
+  if (layout_rank(g.layout) != rank)
+    core::fail_value(std::string("layout: ") + to_string(g.layout) + " describes " +
+                     std::to_string(layout_rank(g.layout)) + "-D arrays, but " + x_name + " has shape " +
+                     x.shape.to_string());
+  if (!x.is_contiguous())
+    core::fail_value(std::string(x_name) + ": must be contiguous in its layout (pass a contiguous copy)");
+  g.channels_last = is_channels_last(g.layout);
+  g.n = x.shape[0];
+  g.c = x.shape[channel_axis(g.layout)];
+  g.s = 1;
+  for (int i = 1; i < rank; ++i)
+    if (i != channel_axis(g.layout)) g.s *= x.shape[i];
+  return g;
+}
+
+void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name) {
+  core::check_given(y, y_name);
+  if (y.shape != x.shape)
+    core::fail_value(std::string(y_name) + ": expected the shape of x " + x.shape.to_string() + ", got " +
+                     y.shape.to_string());
+  if (y.dtype != x.dtype)
+    core::fail_type(std::string(y_name) + ": expected dtype " + to_string(x.dtype) + " like x, got " +
+                    to_string(y.dtype));
+  if (!y.is_contiguous()) core::fail_value(std::string(y_name) + ": must be contiguous");
+  core::check_no_partial_overlap(x, y, y_name);
+}
+
+void check_channel_param(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype) {
+  if (!t.given) return;
+  const DType dtype = (is_16bit(x_dtype) && t.dtype == DType::float32) ? DType::float32 : x_dtype;
+  core::check_param(t, name, Dims{channels}, dtype);
+}
+
+void check_running_stat(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype) {
+  if (!t.given) return;
+  const DType dtype = t.dtype == DType::float32 ? DType::float32 : x_dtype;
+  core::check_param(t, name, Dims{channels}, dtype);
+}
+
+void write_stats_output(const TensorRef& t, const char* name, const std::vector<double>& values, DType x_dtype) {
+  if (!t.given) return;
+  core::check_stats_output(t, name, static_cast<std::int64_t>(values.size()), stats_dtype(x_dtype));
+  for (std::size_t i = 0; i < values.size(); ++i) write_element(t, static_cast<std::int64_t>(i), values[i]);
+}
+
+void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                      const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
+                      double eps, Moments& moments) {
+  const std::int64_t rows = g.n * groups;
+  const std::int64_t cols = (g.c / groups) * g.s;
+  moments.count = cols;
+  moments.mean.assign(rows, 0);
+  moments.var.assign(rows, 0);
+  if (rows == 0 || cols == 0) return;
+  std::vector<float> mean_f, var_f;
+  std::vector<double> mean_d, var_d;
+  kernels::RowsForward p;
+  p.norm = kernels::RowsNorm::layer;
+  p.dtype = x.dtype;
+  p.params_float32 = is_16bit(x.dtype) && param_dtype == DType::float32;
+  p.rows = rows;
+  p.cols = cols;
+  p.x = x.data;
+  p.x_row_stride = cols;
+  p.y = y.data;
+  p.y_row_stride = cols;
+  p.segments = g.c / groups;
+  p.param_period = param_period;
+  p.weight = weight;
+  p.bias = bias;
+  if (x.dtype == DType::float64) {
+    mean_d.resize(rows);
+    var_d.resize(rows);
+    p.mean = mean_d.data();
+    p.var = var_d.data();
+  } else {
+    mean_f.resize(rows);
+    var_f.resize(rows);
+    p.mean = mean_f.data();
+    p.var = var_f.data();
+  }
+  p.eps = eps;
+  const std::int64_t bytes = x.numel() * element_size(x.dtype);
+  p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
+  p.threads = runtime::threads_for(2 * bytes);
+  runtime::active_kernels().rows_forward(p);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    moments.mean[r] = mean_d.empty() ? mean_f[r] : mean_d[r];
+    moments.var[r] = var_d.empty() ? var_f[r] : var_d[r];
+  }
+}
+
+Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {
+  Moments out;
+  const std::int64_t tables = per_sample ? g.n * groups : g.c;
+  out.mean.assign(tables, 0);
+  out.var.assign(tables, 0);
+  out.count = per_sample ? (g.c / groups) * g.s : g.n * g.s;
+  if (x.numel() == 0) return out;
+  const auto& kernels = runtime::active_kernels();
+  const std::int64_t bytes = x.numel() * element_size(x.dtype);
+
+  if (!g.channels_last) {
+    // Rows statistics: per (sample, group) directly, or per (sample, channel)
+    // plane, then merged over the samples for BatchNorm.
+    Moments rows;
+    const std::int64_t row_groups = per_sample ? groups : g.c;
+    const std::int64_t nrows = g.n * row_groups;
+    const std::int64_t cols = (g.c / row_groups) * g.s;
+    std::vector<float> mean_f, var_f;
+    std::vector<double> mean_d, var_d;
+    kernels::RowsForward p;
+    p.norm = kernels::RowsNorm::layer;
+    p.dtype = x.dtype;
+    p.rows = nrows;
+    p.cols = cols;
+    p.x = x.data;
+    p.x_row_stride = cols;
+    p.y = nullptr;  // statistics only
+    if (x.dtype == DType::float64) {
+      mean_d.resize(nrows);
+      var_d.resize(nrows);
+      p.mean = mean_d.data();
+      p.var = var_d.data();
+    } else {
+      mean_f.resize(nrows);
+      var_f.resize(nrows);
+      p.mean = mean_f.data();
+      p.var = var_f.data();
+    }
+    p.threads = runtime::threads_for(bytes);
+    kernels.rows_forward(p);
+    auto row_mean = [&](std::int64_t r) { return mean_d.empty() ? double(mean_f[r]) : mean_d[r]; };
+    auto row_var = [&](std::int64_t r) { return var_d.empty() ? double(var_f[r]) : var_d[r]; };
+    if (per_sample) {
+      for (std::int64_t r = 0; r < nrows; ++r) {
+        out.mean[r] = row_mean(r);
+        out.var[r] = row_var(r);
+      }
+    } else {
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        Summary s;
+        for (std::int64_t n = 0; n < g.n; ++n) {
+          const std::int64_t r = n * g.c + c;
+          s.add(double(cols), row_mean(r), row_var(r) * double(cols));
+        }
+        out.mean[c] = s.mean;
+        out.var[c] = s.m2 / s.count;
+      }
+    }
+    return out;
+  }
+
+  // Columns statistics per (batch, channel) from fixed row blocks.
+  kernels::ColumnsStats p;
+  p.dtype = x.dtype;
+  p.batches = per_sample ? g.n : 1;
+  p.rows = per_sample ? g.s : g.n * g.s;
+  p.cols = g.c;
+  p.block_rows = columns_block_rows(g.c, x.dtype);
+  p.x = x.data;
+  const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  std::vector<double> partial_mean(p.batches * blocks * g.c), partial_m2(partial_mean.size());
+  p.partial_mean = partial_mean.data();
+  p.partial_m2 = partial_m2.data();
+  p.threads = runtime::threads_for(bytes);
+  std::vector<double> scratch(static_cast<std::size_t>(p.threads) * 4 * g.c);  // >= the float need
+  p.scratch = scratch.data();
+  kernels.columns_stats(p);
+
+  const std::int64_t per_group = per_sample ? g.c / groups : 1;
+  const std::int64_t out_groups = per_sample ? groups : g.c;
+  for (std::int64_t b = 0; b < p.batches; ++b) {
+    for (std::int64_t grp = 0; grp < out_groups; ++grp) {
+      Summary s;
+      for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
+        for (std::int64_t k = 0; k < blocks; ++k) {
+          const std::int64_t i = (b * blocks + k) * g.c + c;
+          const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
+          s.add(count, partial_mean[i], partial_m2[i]);
+        }
+      out.mean[b * out_groups + grp] = s.mean;
+      out.var[b * out_groups + grp] = s.m2 / s.count;
+    }
+  }
+  return out;
+}
+
+void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
+                   const std::vector<double>& scale, const std::vector<double>& shift,
+                   const std::vector<double>* center) {
+  if (x.numel() == 0) return;
+  const auto& kernels = runtime::active_kernels();
+  const std::int64_t bytes = x.numel() * element_size(x.dtype);
+  const AccTable scale_t = to_acc_table(scale, x.dtype), shift_t = to_acc_table(shift, x.dtype);
+  AccTable hi_t, lo_t;
+  if (center) {
+    // center = hi + lo, each in the stats dtype: (x - hi) - lo keeps a large mean exact.
+    std::vector<double> hi(center->size()), lo(center->size());
+    for (std::size_t i = 0; i < hi.size(); ++i) {
+      hi[i] = x.dtype == DType::float64 ? (*center)[i] : double(float((*center)[i]));
+      lo[i] = (*center)[i] - hi[i];
+    }
+    hi_t = to_acc_table(hi, x.dtype);
+    lo_t = to_acc_table(lo, x.dtype);
+  }
+  const bool stream = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
+  const int threads = runtime::threads_for(2 * bytes);
+  if (!g.channels_last) {
+    kernels::RowsForward p;
+    p.norm = kernels::RowsNorm::scale_shift;
+    p.dtype = x.dtype;
+    p.params_float32 = x.dtype != DType::float64;
+    p.rows = g.n * g.c;
+    p.cols = g.s;
+    p.x = x.data;
+    p.x_row_stride = g.s;
+    p.y = y.data;
+    p.y_row_stride = g.s;
+    p.segments = 1;
+    p.param_period = per_sample ? g.n * g.c : g.c;
+    p.weight = scale_t.data();
+    p.bias = shift_t.data();
+    p.center_hi = center ? hi_t.data() : nullptr;
+    p.center_lo = center ? lo_t.data() : nullptr;
+    p.streaming_stores = stream;
+    p.threads = threads;
+    kernels.rows_forward(p);
+  } else {
+    kernels::ColumnsApply p;
+    p.dtype = x.dtype;
+    p.batches = per_sample ? g.n : 1;
+    p.rows = per_sample ? g.s : g.n * g.s;
+    p.cols = g.c;
+    p.x = x.data;
+    p.y = y.data;
+    p.scale = scale_t.data();
+    p.shift = shift_t.data();
+    p.center_hi = center ? hi_t.data() : nullptr;
+    p.center_lo = center ? lo_t.data() : nullptr;
+    p.streaming_stores = stream;
+    p.threads = threads;
+    kernels.columns_apply(p);
+  }
+}
+
+}  // namespace normkit::plan

@@ -1,0 +1,69 @@
+// plan/channel_plan.hpp - mapping the channel norms (BatchNorm, InstanceNorm,
+// GroupNorm, AdaIN) onto the canonical problems.
+//
+//   layout          statistics per (sample, group)         statistics per channel (BatchNorm)
+//   channels-first  rows: N*G rows of (C/G)*S, fused        rows stats of N*C planes, merged over N,
+//                   stats + per-segment affine              then rows scale/shift per channel
+//   channels-last   columns: N batches of S x C, merged      columns: 1 batch of N*S x C, then
+//                   over the group's columns, then apply     columns apply
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "normkit/layout.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit::plan {
+
+// x seen as N x C x S in a channel layout.
+struct ChannelGeometry {
+  std::int64_t n = 0, c = 0, s = 0;
+  bool channels_last = false;
+  Layout layout = Layout::NCHW;
+};
+
+// Validates x's rank against the layout (default: channels-first of x's rank)
+// and that x is contiguous; `x_name` names x in errors.
+ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layout, const char* x_name = "x");
+
+// y must match x: shape, dtype, contiguous, and not overlap it unless it is x.
+void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name = "y");
+
+// Per-group moments in double: mean and biased variance.
+struct Moments {
+  std::vector<double> mean, var;
+  std::int64_t count = 0;  // elements per group
+};
+
+// Moments per (sample, group) when per_sample (N*groups groups, groups must
+// divide C), else per channel over the whole batch (C groups; `groups` ignored).
+Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample);
+
+// y = ((x - center) * scale + shift) per (sample, channel) when per_sample
+// (tables of N*C), else per channel (tables of C). center may be null (then the
+// folded form y = x * scale + shift).
+void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
+                   const std::vector<double>& scale, const std::vector<double>& shift,
+                   const std::vector<double>* center);
+
+// Channels-first per-sample norm in one fused pass per (sample, group) row:
+// statistics, then y = (x - mean) * rstd * weight[p] + bias[p], p per segment
+// (period rows). weight/bias: null or `param_dtype` tables. Writes per-row
+// mean/var (double) into `moments` (N*groups entries).
+void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                      const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
+                      double eps, Moments& moments);
+
+// Reads element i of a float tensor as double / writes it (any normkit dtype).
+double read_element(const TensorRef& t, std::int64_t i);
+void write_element(const TensorRef& t, std::int64_t i, double v);
+
+// Validates an optional (C)-shaped parameter: x's dtype, or float32 for 16-bit x.
+void check_channel_param(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype);
+// Validates a running statistic: shape (C), float32 or x's dtype, contiguous.
+void check_running_stat(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype);
+// Writes `values` into an optional statistics output of stats_dtype(x_dtype).
+void write_stats_output(const TensorRef& t, const char* name, const std::vector<double>& values, DType x_dtype);
+
+}  // namespace normkit::plan

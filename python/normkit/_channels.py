@@ -1,0 +1,191 @@
+"""The channel norms on arrays: batch_norm, instance_norm, group_norm, adaptive_instance_norm.
+
+x has a channel layout ("NC", "NCL"/"NLC", "NCHW"/"NHWC", "NCDHW"/"NDHWC", or a
+normkit.Layout); the default is the channels-first layout of x's rank, as in
+PyTorch. The core needs x contiguous in its layout: anything else is copied once
+here. Outputs have x's shape and layout.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _ext
+from ._dtypes import as_input, as_params, check_out, is_bf16, kernel_view, stats_dtype
+from ._functional import _eps
+
+__all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
+
+Layout = _ext.Layout
+
+
+def _layout(layout):
+    if layout is None or isinstance(layout, str):
+        return layout
+    if isinstance(layout, Layout):
+        return layout.name
+    raise TypeError(f"layout: expected a layout name such as 'NHWC' or a normkit.Layout, got {layout!r}")
+
+
+def _momentum(momentum) -> float:
+    if not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a real number, got {momentum!r}")
+    return float(momentum)
+
+
+def _channel_input(x):
+    x = as_input(x, "x")
+    return (x if x.flags.c_contiguous else np.ascontiguousarray(x)), is_bf16(x.dtype)
+
+
+def _channel_output(out, x, given):
+    """(array the kernel writes, array to copy it into afterwards or None)."""
+    if out is None:
+        return np.empty(x.shape, dtype=x.dtype), None
+    out = check_out(out, x)
+    if out.shape == x.shape and not out.flags.c_contiguous:
+        is_given = (
+            out.__array_interface__["data"][0] == given.__array_interface__["data"][0]
+            and out.strides == given.strides
+        )
+        if not is_given and np.shares_memory(out, given):
+            raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
+        return np.empty(x.shape, dtype=x.dtype), out
+    return out, None
+
+
+def _running(stat, name, x_dtype, updated):
+    """A running statistic: a float array, writable when it will be updated."""
+    if stat is None:
+        return None
+    if not isinstance(stat, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(stat).__name__}")
+    as_input(stat, name)  # dtype check
+    if updated and not stat.flags.writeable:
+        raise ValueError(f"{name}: array is read-only, but it is updated in place in training")
+    return kernel_view(stat)
+
+
+def _finish(y, copy_to):
+    if copy_to is not None:
+        np.copyto(copy_to, y)
+        return copy_to
+    return y
+
+
+def _stats(return_stats, shape, x_dtype):
+    if not return_stats:
+        return None, None
+    dt = stats_dtype(x_dtype)
+    return np.empty(shape, dtype=dt), np.empty(shape, dtype=dt)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+               *, layout=None, out=None, return_stats=False):
+    """Batch normalization, as ``torch.nn.functional.batch_norm``.
+
+    ``training=True`` normalizes with the batch statistics (biased variance) and
+    updates ``running_mean``/``running_var`` in place when given (unbiased
+    variance for ``running_var``); otherwise the running statistics are used.
+    ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (C,).
+    """
+    given = x
+    x, bf16 = _channel_input(x)
+    given = x if given is x else as_input(given, "x")
+    training = bool(training)
+    rm = _running(running_mean, "running_mean", x.dtype, training)
+    rv = _running(running_var, "running_var", x.dtype, training)
+    if weight is not None or bias is not None:
+        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
+    momentum, eps = _momentum(momentum), _eps(eps)
+    y, copy_to = _channel_output(out, x, given)
+    mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
+    _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
+                    momentum, eps, _layout(layout), mean, rstd, bf16)
+    y = _finish(y, copy_to)
+    return (y, mean, rstd) if return_stats else y
+
+
+def _n_c(x, layout):
+    name = _layout(layout)
+    if x.ndim < 2:
+        return 0, 0
+    return x.shape[0], x.shape[-1] if name in ("NC", "NLC", "NHWC", "NDHWC") else x.shape[1]
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5, *, layout=None, out=None, return_stats=False):
+    """Instance normalization, as ``torch.nn.functional.instance_norm``.
+
+    Statistics per (sample, channel) over the spatial axes when ``use_input_stats``
+    (running statistics, if given, are updated in place with the batch mean of
+    the per-instance statistics), else the running statistics.
+    ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
+    """
+    given = x
+    x, bf16 = _channel_input(x)
+    given = x if given is x else as_input(given, "x")
+    use_input_stats = bool(use_input_stats)
+    rm = _running(running_mean, "running_mean", x.dtype, use_input_stats)
+    rv = _running(running_var, "running_var", x.dtype, use_input_stats)
+    if weight is not None or bias is not None:
+        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
+    momentum, eps = _momentum(momentum), _eps(eps)
+    y, copy_to = _channel_output(out, x, given)
+    mean, rstd = _stats(return_stats, _n_c(x, layout), x.dtype)
+    _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
+                       use_input_stats, momentum, eps, _layout(layout), mean, rstd, bf16)
+    y = _finish(y, copy_to)
+    return (y, mean, rstd) if return_stats else y
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, out=None, return_stats=False):
+    """Group normalization, as ``torch.nn.functional.group_norm``: statistics per
+    (sample, group of C / num_groups channels), affine per channel.
+    ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, num_groups).
+    """
+    given = x
+    x, bf16 = _channel_input(x)
+    given = x if given is x else as_input(given, "x")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
+    if weight is not None or bias is not None:
+        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
+    eps = _eps(eps)
+    y, copy_to = _channel_output(out, x, given)
+    n = x.shape[0] if x.ndim >= 1 else 0
+    mean, rstd = _stats(return_stats, (n, max(int(num_groups), 0)), x.dtype)
+    _ext.group_norm(kernel_view(x), kernel_view(y), int(num_groups), kernel_view(weight), kernel_view(bias), eps,
+                    _layout(layout), mean, rstd, bf16)
+    y = _finish(y, copy_to)
+    return (y, mean, rstd) if return_stats else y
+
+
+def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None):
+    """Adaptive instance normalization (AdaIN, Huang & Belongie 2017).
+
+    ``y = (x - mean(x)) / sqrt(var(x) + eps) * style_std + style_mean`` per
+    (sample, channel), with biased variances. ``style`` is a feature map in the
+    same layout with x's N and C (any spatial size; its std is
+    ``sqrt(var + eps)``), or a ``(mean, std)`` pair of arrays of shape (N, C).
+    """
+    given = x
+    x, bf16 = _channel_input(x)
+    given = x if given is x else as_input(given, "x")
+    eps = _eps(eps)
+    style_map = style_mean = style_std = None
+    if isinstance(style, (tuple, list)):
+        if len(style) != 2:
+            raise ValueError(f"style: expected a feature map or a (mean, std) pair, got a sequence of {len(style)}")
+        style_mean, style_std = as_params(x.dtype, (style[0], "style"), (style[1], "style"))
+    else:
+        style_map = as_input(style, "style")
+        if style_map.dtype != x.dtype:
+            raise TypeError(f"style: expected dtype {x.dtype} like x, got {style_map.dtype}")
+        style_map = np.ascontiguousarray(style_map)
+    y, copy_to = _channel_output(out, x, given)
+    _ext.adaptive_instance_norm(kernel_view(x), kernel_view(y), kernel_view(style_map), kernel_view(style_mean),
+                                kernel_view(style_std), eps, _layout(layout), bf16)
+    return _finish(y, copy_to)
