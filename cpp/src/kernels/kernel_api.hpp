@@ -46,7 +46,11 @@ struct RowsForward {
   const void* center_lo = nullptr;
   void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (layer only)
   void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
-  void* var = nullptr;           // `rows` biased variances of stats_dtype(dtype) or null (layer only)
+  // For the core's merges (layer only), optional: per-row mean and biased
+  // variance in double, the mean formed from shift + offset without rounding
+  // to the stats dtype (a large common mean would otherwise lose its low bits).
+  double* mean_f64 = nullptr;
+  double* var_f64 = nullptr;
   double eps = 1e-5;
   bool streaming_stores = false;  // write y around the caches (large outputs)
   int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
@@ -67,11 +71,14 @@ struct ColumnsStats {
 };
 
 // The "columns" pattern, output: y = ((x - center_hi) - center_lo) * scale + shift
-// with tables of batches * cols entries in stats_dtype(dtype) (center tables
-// may be null: no centering, the folded form).
+// with tables in stats_dtype(dtype), `table_stride` entries per batch: entry
+// j of batch b is column j % cols, for j < cols + kColumnsTablePad (the kernel
+// reads a full vector from any column). Center tables may be null (the folded form).
+constexpr std::int64_t kColumnsTablePad = 16;  // >= the widest vector's lanes
 struct ColumnsApply {
   DType dtype = DType::float32;
   std::int64_t batches = 0, rows = 0, cols = 0;
+  std::int64_t table_stride = 0;  // >= cols + kColumnsTablePad
   const void* x = nullptr;
   void* y = nullptr;
   const void* scale = nullptr;

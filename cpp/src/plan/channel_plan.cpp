@@ -126,8 +126,6 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   moments.mean.assign(rows, 0);
   moments.var.assign(rows, 0);
   if (rows == 0 || cols == 0) return;
-  std::vector<float> mean_f, var_f;
-  std::vector<double> mean_d, var_d;
   kernels::RowsForward p;
   p.norm = kernels::RowsNorm::layer;
   p.dtype = x.dtype;
@@ -142,26 +140,13 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   p.param_period = param_period;
   p.weight = weight;
   p.bias = bias;
-  if (x.dtype == DType::float64) {
-    mean_d.resize(rows);
-    var_d.resize(rows);
-    p.mean = mean_d.data();
-    p.var = var_d.data();
-  } else {
-    mean_f.resize(rows);
-    var_f.resize(rows);
-    p.mean = mean_f.data();
-    p.var = var_f.data();
-  }
+  p.mean_f64 = moments.mean.data();
+  p.var_f64 = moments.var.data();
   p.eps = eps;
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(2 * bytes);
   runtime::active_kernels().rows_forward(p);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    moments.mean[r] = mean_d.empty() ? mean_f[r] : mean_d[r];
-    moments.var[r] = var_d.empty() ? var_f[r] : var_d[r];
-  }
 }
 
 Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {
@@ -177,12 +162,10 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
   if (!g.channels_last) {
     // Rows statistics: per (sample, group) directly, or per (sample, channel)
     // plane, then merged over the samples for BatchNorm.
-    Moments rows;
     const std::int64_t row_groups = per_sample ? groups : g.c;
     const std::int64_t nrows = g.n * row_groups;
     const std::int64_t cols = (g.c / row_groups) * g.s;
-    std::vector<float> mean_f, var_f;
-    std::vector<double> mean_d, var_d;
+    std::vector<double> row_mean(nrows), row_var(nrows);
     kernels::RowsForward p;
     p.norm = kernels::RowsNorm::layer;
     p.dtype = x.dtype;
@@ -191,32 +174,19 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
     p.x = x.data;
     p.x_row_stride = cols;
     p.y = nullptr;  // statistics only
-    if (x.dtype == DType::float64) {
-      mean_d.resize(nrows);
-      var_d.resize(nrows);
-      p.mean = mean_d.data();
-      p.var = var_d.data();
-    } else {
-      mean_f.resize(nrows);
-      var_f.resize(nrows);
-      p.mean = mean_f.data();
-      p.var = var_f.data();
-    }
+    p.mean_f64 = row_mean.data();
+    p.var_f64 = row_var.data();
     p.threads = runtime::threads_for(bytes);
     kernels.rows_forward(p);
-    auto row_mean = [&](std::int64_t r) { return mean_d.empty() ? double(mean_f[r]) : mean_d[r]; };
-    auto row_var = [&](std::int64_t r) { return var_d.empty() ? double(var_f[r]) : var_d[r]; };
     if (per_sample) {
-      for (std::int64_t r = 0; r < nrows; ++r) {
-        out.mean[r] = row_mean(r);
-        out.var[r] = row_var(r);
-      }
+      out.mean = row_mean;
+      out.var = row_var;
     } else {
       for (std::int64_t c = 0; c < g.c; ++c) {
         Summary s;
         for (std::int64_t n = 0; n < g.n; ++n) {
           const std::int64_t r = n * g.c + c;
-          s.add(double(cols), row_mean(r), row_var(r) * double(cols));
+          s.add(double(cols), row_mean[r], row_var[r] * double(cols));
         }
         out.mean[c] = s.mean;
         out.var[c] = s.m2 / s.count;
@@ -306,12 +276,27 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.batches = per_sample ? g.n : 1;
     p.rows = per_sample ? g.s : g.n * g.s;
     p.cols = g.c;
+    p.table_stride = g.c + kernels::kColumnsTablePad;
+    // Tables extended periodically per batch (see ColumnsApply).
+    auto extend = [&](const AccTable& t) {
+      std::vector<double> v(p.batches * p.table_stride);
+      for (std::int64_t b = 0; b < p.batches; ++b)
+        for (std::int64_t j = 0; j < p.table_stride; ++j)
+          v[b * p.table_stride + j] = t.d.empty() ? double(t.f[b * g.c + j % g.c]) : t.d[b * g.c + j % g.c];
+      return to_acc_table(v, x.dtype);
+    };
+    const AccTable scale_e = extend(scale_t), shift_e = extend(shift_t);
+    AccTable hi_e, lo_e;
+    if (center) {
+      hi_e = extend(hi_t);
+      lo_e = extend(lo_t);
+    }
     p.x = x.data;
     p.y = y.data;
-    p.scale = scale_t.data();
-    p.shift = shift_t.data();
-    p.center_hi = center ? hi_t.data() : nullptr;
-    p.center_lo = center ? lo_t.data() : nullptr;
+    p.scale = scale_e.data();
+    p.shift = shift_e.data();
+    p.center_hi = center ? hi_e.data() : nullptr;
+    p.center_lo = center ? lo_e.data() : nullptr;
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.columns_apply(p);
