@@ -77,6 +77,17 @@ void require_running(const TensorRef& t, const char* name, const char* when) {
   if (!t.given) core::fail_value(std::string(name) + ": required " + when);
 }
 
+// An empty x (any of N, C or S is 0) has nothing to normalize: statistics
+// outputs get NaN (0/0) and running statistics stay as they are, as in PyTorch.
+// Call after validation. Returns true when x was empty.
+bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef& rstd) {
+  if (x.numel() != 0) return false;
+  for (const TensorRef* t : {&mean, &rstd})
+    if (t->given)
+      for (std::int64_t i = 0; i < t->numel(); ++i) plan::write_element(*t, i, std::nan(""));
+  return true;
+}
+
 }  // namespace
 
 void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
@@ -102,9 +113,10 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
     apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
   } else {
     const std::int64_t count = g.n * g.s;
-    if (count <= 1)
+    if (count == 1)
       core::fail_value("x: expected more than 1 value per channel when training, got input of shape " +
                        x.shape.to_string());
+    if (finish_if_empty(x, mean, rstd)) return;
     const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
     mean_c = m.mean;
     rstd_c = rstd_of(m.var, eps);
@@ -150,9 +162,10 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
       rstd_nc.insert(rstd_nc.end(), rstd_c.begin(), rstd_c.end());
     }
   } else {
-    if (g.s <= 1 && x.numel() > 0)
+    if (g.s == 1 && x.numel() > 0)
       core::fail_value("x: expected more than 1 spatial element when training, got input of shape " +
                        x.shape.to_string());
+    if (finish_if_empty(x, mean, rstd)) return;
     Moments m;
     if (!g.channels_last) {
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
@@ -197,6 +210,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
   check_affine(weight, bias, g.c, x.dtype);
   if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
   if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
+  if (finish_if_empty(x, mean, rstd)) return;
 
   Moments m;
   if (!g.channels_last) {
@@ -263,6 +277,10 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
   const ChannelGeometry g = plan::channel_geometry(x, layout);
   plan::check_output_like(x, y);
   core::check_eps(eps);
+  core::check_given(style, "style");
+  if (style.shape.size() != x.shape.size())
+    core::fail_value("style: expected a feature map of rank " + std::to_string(x.shape.size()) +
+                     " like x (layout " + to_string(g.layout) + "), got shape " + style.shape.to_string());
   const ChannelGeometry gs = plan::channel_geometry(style, g.layout, "style");
   if (gs.n != g.n || gs.c != g.c)
     core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
@@ -272,6 +290,7 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
                     to_string(style.dtype));
   if (gs.s < 1 && style.numel() == 0 && x.numel() > 0)
     core::fail_value("style: has no spatial elements");
+  if (x.numel() == 0) return;
   const Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
   std::vector<double> style_std(ms.var.size());
   for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
@@ -286,6 +305,7 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
   const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
   core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
   core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  if (x.numel() == 0) return;
   std::vector<double> mean(g.n * g.c), std_(g.n * g.c);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) {
     mean[i] = plan::read_element(style_mean, i);
