@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from . import _ext
-from ._dtypes import as_input, as_params, check_out, is_bf16, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, check_out, empty, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
@@ -43,7 +43,7 @@ def _channel_input(x):
 def _channel_output(out, x, given):
     """(array the kernel writes, array to copy it into afterwards or None)."""
     if out is None:
-        return np.empty(x.shape, dtype=x.dtype), None
+        return empty(x.shape, x.dtype), None
     out = check_out(out, x)
     if out.shape == x.shape and not out.flags.c_contiguous:
         is_given = (
@@ -52,7 +52,7 @@ def _channel_output(out, x, given):
         )
         if not is_given and np.shares_memory(out, given):
             raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
-        return np.empty(x.shape, dtype=x.dtype), out
+        return empty(x.shape, x.dtype), out
     return out, None
 
 

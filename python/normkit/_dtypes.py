@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _ext
+
 try:  # bfloat16 arrays come from ml_dtypes (optional)
     import ml_dtypes as _ml_dtypes
 
@@ -73,3 +75,19 @@ def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError(f"{name}: array is read-only")
     return out
+
+
+# Outputs of at least this many bytes come from normkit's output cache (see
+# python/src/output_cache.hpp): below it glibc already reuses freed memory.
+CACHED_OUTPUT_MIN_BYTES = 16 << 20
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """np.empty, with large buffers reused from normkit's output cache."""
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes < CACHED_OUTPUT_MIN_BYTES:
+        return np.empty(shape, dtype=dtype)
+    return _ext.cached_buffer(nbytes).view(dtype).reshape(shape)

@@ -8,7 +8,7 @@ import operator
 import numpy as np
 
 from . import _ext
-from ._dtypes import as_input, as_params, check_out, is_bf16, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, check_out, empty, is_bf16, kernel_view, stats_dtype
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -58,7 +58,7 @@ def _output(out, x, k, given):
     """(array the kernel writes, array to copy it into afterwards or None).
     `given` is x as the caller passed it (x itself may be a contiguous copy)."""
     if out is None:
-        return np.empty(x.shape, dtype=x.dtype), None
+        return empty(x.shape, x.dtype), None
     out = check_out(out, x)
     if (
         out.shape == x.shape
@@ -73,7 +73,7 @@ def _output(out, x, k, given):
         )
         if not is_given and np.shares_memory(out, given):
             raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
-        return np.empty(x.shape, dtype=x.dtype), out
+        return empty(x.shape, x.dtype), out
     return out, None
 
 

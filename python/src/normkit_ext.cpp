@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "output_cache.hpp"
 #include "plan/rows_plan.hpp"
 
 namespace nb = nanobind;
@@ -224,6 +225,42 @@ NB_MODULE(_ext, m) {
     for (auto d : {normkit::DType::float32, normkit::DType::float64, normkit::DType::float16, normkit::DType::bfloat16})
       if (dtype == normkit::to_string(d)) return normkit::machine_epsilon(d);
     throw normkit::Error(normkit::ErrorKind::type, "dtype: not a normkit dtype: " + dtype);
+  });
+
+  m.def(
+      "cached_buffer",
+      [](size_t nbytes) {
+        using normkit_python::OutputCache;
+        void* p = OutputCache::instance().acquire(nbytes);
+        if (p == nullptr) throw std::bad_alloc();
+        // The capsule owns (pointer, size) so that release() can file the buffer by size.
+        struct Block {
+          void* data;
+          size_t bytes;
+        };
+        auto* block = new Block{p, nbytes};
+        nb::capsule keeper(block, [](void* b) noexcept {
+          auto* blk = static_cast<Block*>(b);
+          OutputCache::instance().release(blk->data, blk->bytes);
+          delete blk;
+        });
+        size_t shape[1] = {nbytes};
+        return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(p, 1, shape, keeper);
+      },
+      "nbytes"_a, "A 1-D uint8 NumPy array of nbytes from the output cache (64-byte aligned).");
+  m.def(
+      "set_output_cache_limit",
+      [](int64_t bytes) {
+        if (bytes < 0) throw normkit::Error(normkit::ErrorKind::value, "nbytes: must be >= 0");
+        normkit_python::OutputCache::instance().set_limit(static_cast<size_t>(bytes));
+      },
+      "nbytes"_a);
+  m.def("output_cache_info", [] {
+    auto& cache = normkit_python::OutputCache::instance();
+    nb::dict d;
+    d["limit"] = cache.limit();
+    d["cached"] = cache.cached_bytes();
+    return d;
   });
 
   m.def("set_num_threads", &normkit::set_num_threads, "n"_a);
