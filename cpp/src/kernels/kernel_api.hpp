@@ -29,7 +29,9 @@ enum class RowsNorm : std::uint8_t {
 struct RowsForward {
   RowsNorm norm = RowsNorm::layer;
   DType dtype = DType::float32;  // of x and y
-  bool params_float32 = false;   // weight/bias are float32 (16-bit x); else of `dtype`
+  // weight/bias are float32 (16-bit x); else of `dtype`. The kernels take only
+  // float32 parameters for 16-bit x: plan::dispatch_rows widens them.
+  bool params_float32 = false;
   std::int64_t rows = 0;
   std::int64_t cols = 0;          // > 0
   const void* x = nullptr;

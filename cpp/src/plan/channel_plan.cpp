@@ -5,6 +5,7 @@
 
 #include "core/check.hpp"
 #include "kernels/kernel_api.hpp"
+#include "plan/rows_plan.hpp"
 #include "runtime/dispatch.hpp"
 #include "runtime/threads.hpp"
 
@@ -146,7 +147,7 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(2 * bytes);
-  runtime::active_kernels().rows_forward(p);
+  dispatch_rows(p, param_period * p.segments);
 }
 
 Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {

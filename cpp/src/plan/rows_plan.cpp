@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "core/check.hpp"
 #include "normkit/norms.hpp"
@@ -146,6 +147,26 @@ void fill_nan(const TensorRef& t) {
 }
 }  // namespace
 
+void dispatch_rows(kernels::RowsForward p, std::int64_t param_count) {
+  const bool half_precision = p.dtype == DType::float16 || p.dtype == DType::bfloat16;
+  std::vector<float> weight, bias;
+  if (half_precision && !p.params_float32) {
+    auto widen = [&](const void* src, std::vector<float>& dst) -> const void* {
+      if (src == nullptr) return nullptr;
+      dst.resize(static_cast<std::size_t>(param_count));
+      for (std::int64_t i = 0; i < param_count; ++i) {
+        if (p.dtype == DType::float16) dst[i] = static_cast<float>(static_cast<const half*>(src)[i]);
+        else dst[i] = static_cast<float>(static_cast<const bfloat16*>(src)[i]);
+      }
+      return dst.data();
+    };
+    p.weight = widen(p.weight, weight);
+    p.bias = widen(p.bias, bias);
+    p.params_float32 = true;
+  }
+  runtime::active_kernels().rows_forward(p);
+}
+
 void run_rows_forward(const kernels::RowsForward& p, const TensorRef& mean, const TensorRef& rstd) {
   if (p.rows == 0) return;
   if (p.cols == 0) {
@@ -153,7 +174,7 @@ void run_rows_forward(const kernels::RowsForward& p, const TensorRef& mean, cons
     fill_nan(rstd);
     return;
   }
-  runtime::active_kernels().rows_forward(p);
+  dispatch_rows(p, p.cols);
 }
 
 }  // namespace normkit::plan

@@ -36,4 +36,10 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
 // Runs a planned rows problem on the active kernels (empty problems included).
 void run_rows_forward(const kernels::RowsForward& problem, const TensorRef& mean, const TensorRef& rstd);
 
+// Hands a rows problem to the active kernels. 16-bit weight/bias are widened
+// to float32 here, once per call (`cols` or a few per-segment entries), so the
+// kernels never convert parameters inside their loops. `param_count` is the
+// number of weight/bias entries.
+void dispatch_rows(kernels::RowsForward problem, std::int64_t param_count);
+
 }  // namespace normkit::plan
