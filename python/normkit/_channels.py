@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from . import _ext
-from ._dtypes import as_input, as_params, check_out, empty, is_bf16, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
@@ -46,13 +46,7 @@ def _channel_output(out, x, given):
         return empty(x.shape, x.dtype), None
     out = check_out(out, x)
     if out.shape == x.shape and not out.flags.c_contiguous:
-        is_given = (
-            out.__array_interface__["data"][0] == given.__array_interface__["data"][0]
-            and out.strides == given.strides
-        )
-        if not is_given and np.shares_memory(out, given):
-            raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
-        return empty(x.shape, x.dtype), out
+        return indirect_output(out, given, x), out
     return out, None
 
 
@@ -66,6 +60,19 @@ def _running(stat, name, x_dtype, updated):
     if updated and not stat.flags.writeable:
         raise ValueError(f"{name}: array is read-only, but it is updated in place in training")
     return kernel_view(stat)
+
+
+def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps, out, updates_running):
+    """The argument intake batch_norm and instance_norm share."""
+    given = as_input(x, "x")
+    x, bf16 = _channel_input(given)
+    rm = _running(running_mean, "running_mean", x.dtype, updates_running)
+    rv = _running(running_var, "running_var", x.dtype, updates_running)
+    if weight is not None or bias is not None:
+        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
+    momentum, eps = _momentum(momentum), _eps(eps)
+    y, copy_to = _channel_output(out, x, given)
+    return x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to
 
 
 def _finish(y, copy_to):
@@ -91,16 +98,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     variance for ``running_var``); otherwise the running statistics are used.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (C,).
     """
-    given = x
-    x, bf16 = _channel_input(x)
-    given = x if given is x else as_input(given, "x")
     training = bool(training)
-    rm = _running(running_mean, "running_mean", x.dtype, training)
-    rv = _running(running_var, "running_var", x.dtype, training)
-    if weight is not None or bias is not None:
-        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
-    momentum, eps = _momentum(momentum), _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
+        x, running_mean, running_var, weight, bias, momentum, eps, out, training)
     mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
     _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
                     momentum, eps, _layout(layout), mean, rstd, bf16)
@@ -124,16 +124,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     the per-instance statistics), else the running statistics.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
     """
-    given = x
-    x, bf16 = _channel_input(x)
-    given = x if given is x else as_input(given, "x")
     use_input_stats = bool(use_input_stats)
-    rm = _running(running_mean, "running_mean", x.dtype, use_input_stats)
-    rv = _running(running_var, "running_var", x.dtype, use_input_stats)
-    if weight is not None or bias is not None:
-        weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
-    momentum, eps = _momentum(momentum), _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
+        x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats)
     mean, rstd = _stats(return_stats, _n_c(x, layout), x.dtype)
     _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
                        use_input_stats, momentum, eps, _layout(layout), mean, rstd, bf16)
@@ -146,9 +139,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     (sample, group of C / num_groups channels), affine per channel.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, num_groups).
     """
-    given = x
-    x, bf16 = _channel_input(x)
-    given = x if given is x else as_input(given, "x")
+    given = as_input(x, "x")
+    x, bf16 = _channel_input(given)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
     if weight is not None or bias is not None:
@@ -171,9 +163,8 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None):
     same layout with x's N and C (any spatial size; its std is
     ``sqrt(var + eps)``), or a ``(mean, std)`` pair of arrays of shape (N, C).
     """
-    given = x
-    x, bf16 = _channel_input(x)
-    given = x if given is x else as_input(given, "x")
+    given = as_input(x, "x")
+    x, bf16 = _channel_input(given)
     eps = _eps(eps)
     style_map = style_mean = style_std = None
     if isinstance(style, (tuple, list)):

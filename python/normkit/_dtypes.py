@@ -91,3 +91,17 @@ def empty(shape, dtype) -> np.ndarray:
     if nbytes < CACHED_OUTPUT_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
     return _ext.cached_buffer(nbytes).view(dtype).reshape(shape)
+
+
+def indirect_output(out, given, x):
+    """For an `out` the kernels cannot write in place: a fresh array to compute
+    into (the caller copies it into `out` once). `given` is x as the caller
+    passed it (x itself may be a contiguous copy); out=given is in place and
+    fine, any other overlap with it is refused."""
+    is_given = (
+        out.__array_interface__["data"][0] == given.__array_interface__["data"][0]
+        and out.strides == given.strides
+    )
+    if not is_given and np.shares_memory(out, given):
+        raise ValueError("out: overlaps x without being x itself (pass out=x to work in place)")
+    return empty(x.shape, x.dtype)

@@ -88,12 +88,12 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
   return true;
 }
 
-}  // namespace
-
-void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
-                const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, bool training,
-                double momentum, double eps, std::optional<Layout> layout, const TensorRef& mean,
-                const TensorRef& rstd) {
+// Validates the arguments BatchNorm and InstanceNorm share; statistics
+// outputs hold C (per channel) or N*C (per sample) entries.
+ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                                   const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
+                                   double momentum, double eps, std::optional<Layout> layout,
+                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample) {
   const ChannelGeometry g = plan::channel_geometry(x, layout);
   plan::check_output_like(x, y);
   core::check_eps(eps);
@@ -104,8 +104,20 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
   if (running_mean.given != running_var.given)
     core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
                      ": running_mean and running_var must be given together");
-  if (mean.given) core::check_stats_output(mean, "mean", g.c, stats_dtype(x.dtype));
-  if (rstd.given) core::check_stats_output(rstd, "rstd", g.c, stats_dtype(x.dtype));
+  const std::int64_t stats = stats_per_sample ? g.n * g.c : g.c;
+  if (mean.given) core::check_stats_output(mean, "mean", stats, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", stats, stats_dtype(x.dtype));
+  return g;
+}
+
+}  // namespace
+
+void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, bool training,
+                double momentum, double eps, std::optional<Layout> layout, const TensorRef& mean,
+                const TensorRef& rstd) {
+  const ChannelGeometry g = check_running_norm(x, y, running_mean, running_var, weight, bias, momentum, eps,
+                                               layout, mean, rstd, /*stats_per_sample=*/false);
 
   std::vector<double> mean_c, rstd_c;
   if (!training) {
@@ -139,18 +151,8 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
                    bool use_input_stats, double momentum, double eps, std::optional<Layout> layout,
                    const TensorRef& mean, const TensorRef& rstd) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_affine(weight, bias, g.c, x.dtype);
-  plan::check_running_stat(running_mean, "running_mean", g.c, x.dtype);
-  plan::check_running_stat(running_var, "running_var", g.c, x.dtype);
-  if (running_mean.given != running_var.given)
-    core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
-                     ": running_mean and running_var must be given together");
-  if (mean.given) core::check_stats_output(mean, "mean", g.n * g.c, stats_dtype(x.dtype));
-  if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * g.c, stats_dtype(x.dtype));
+  const ChannelGeometry g = check_running_norm(x, y, running_mean, running_var, weight, bias, momentum, eps,
+                                               layout, mean, rstd, /*stats_per_sample=*/true);
 
   std::vector<double> mean_nc, rstd_nc;
   if (!use_input_stats) {
