@@ -68,7 +68,6 @@ struct ColumnsStats {
   const void* x = nullptr;
   double* partial_mean = nullptr;
   double* partial_m2 = nullptr;
-  void* scratch = nullptr;  // threads * 4 * cols elements of stats_dtype(dtype)
   int threads = 1;
 };
 

@@ -4,7 +4,9 @@
 // (plan/channel_plan.hpp), turns them and the affine into per-channel (or per
 // (sample, channel)) tables, and applies them. Running statistics are updated
 // here, in double, after y is written (so in-place calls see the original x).
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -110,6 +112,52 @@ ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const
   return g;
 }
 
+// Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
+// per (sample, group) from the columns kernels, then
+// y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
+// (sample, channel). A large sample is done whole before the next one, so the
+// output pass re-reads it from cache instead of from memory.
+constexpr std::int64_t kSampleInCacheBytes = std::int64_t(1) << 20;
+
+template <class Affine>
+Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                             double eps, Affine&& affine) {
+  Moments all;
+  all.mean.resize(g.n * groups);
+  all.var.resize(g.n * groups);
+  all.count = (g.c / groups) * g.s;
+  const std::int64_t sample_elements = g.s * g.c;
+  const std::int64_t step = sample_elements * element_size(x.dtype) >= kSampleInCacheBytes ? 1 : g.n;
+  const std::int64_t per_group = g.c / groups;
+  for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
+    const std::int64_t count = std::min(step, g.n - n0);
+    auto slice = [&](const TensorRef& t) {
+      TensorRef s = t;
+      s.data = static_cast<char*>(t.data) + n0 * sample_elements * element_size(t.dtype);
+      s.shape[0] = count;
+      return s;
+    };
+    const TensorRef xs = slice(x), ys = slice(y);
+    ChannelGeometry gs = g;
+    gs.n = count;
+    const Moments m = plan::channel_moments(xs, gs, groups, /*per_sample=*/true);
+    std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        const std::int64_t grp = i * groups + c / per_group;
+        const auto [a, b] = affine(n0 + i, c, 1.0 / std::sqrt(m.var[grp] + eps));
+        scale[i * g.c + c] = a;
+        shift[i * g.c + c] = b;
+        center[i * g.c + c] = m.mean[grp];
+      }
+    plan::channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center,
+                        y.numel() * element_size(y.dtype));
+    std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);
+    std::copy(m.var.begin(), m.var.end(), all.var.begin() + n0 * groups);
+  }
+  return all;
+}
+
 }  // namespace
 
 void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
@@ -173,14 +221,9 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
                              param_dtype(weight, bias, x.dtype), g.c, eps, m);
     } else {
-      m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
-      std::vector<double> scale(g.n * g.c), shift(g.n * g.c);
-      const auto r = rstd_of(m.var, eps);
-      for (std::int64_t i = 0; i < g.n * g.c; ++i) {
-        scale[i] = param_or(weight, i % g.c, 1.0) * r[i];
-        shift[i] = param_or(bias, i % g.c, 0.0);
-      }
-      plan::channel_apply(x, y, g, /*per_sample=*/true, scale, shift, &m.mean);
+      m = channels_last_groups(x, y, g, g.c, eps, [&](std::int64_t, std::int64_t c, double r) {
+        return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
+      });
     }
     mean_nc = m.mean;
     rstd_nc = rstd_of(m.var, eps);
@@ -219,18 +262,9 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
     plan::fused_group_rows(x, y, g, num_groups, weight.given ? weight.data : nullptr,
                            bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m);
   } else {
-    m = plan::channel_moments(x, g, num_groups, /*per_sample=*/true);
-    const std::int64_t per_group = g.c / num_groups;
-    const auto r = rstd_of(m.var, eps);
-    std::vector<double> scale(g.n * g.c), shift(g.n * g.c), center(g.n * g.c);
-    for (std::int64_t n = 0; n < g.n; ++n)
-      for (std::int64_t c = 0; c < g.c; ++c) {
-        const std::int64_t grp = n * num_groups + c / per_group;
-        scale[n * g.c + c] = param_or(weight, c, 1.0) * r[grp];
-        shift[n * g.c + c] = param_or(bias, c, 0.0);
-        center[n * g.c + c] = m.mean[grp];
-      }
-    plan::channel_apply(x, y, g, /*per_sample=*/true, scale, shift, &center);
+    m = channels_last_groups(x, y, g, num_groups, eps, [&](std::int64_t, std::int64_t c, double r) {
+      return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
+    });
   }
   plan::write_stats_output(mean, "mean", m.mean, x.dtype);
   plan::write_stats_output(rstd, "rstd", rstd_of(m.var, eps), x.dtype);
@@ -265,11 +299,9 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
     plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m);
     return;
   }
-  const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
-  const auto r = rstd_of(m.var, eps);
-  std::vector<double> scale(g.n * g.c);
-  for (std::int64_t i = 0; i < g.n * g.c; ++i) scale[i] = style_std[i] * r[i];
-  plan::channel_apply(x, y, g, /*per_sample=*/true, scale, style_mean, &m.mean);
+  channels_last_groups(x, y, g, g.c, eps, [&](std::int64_t n, std::int64_t c, double r) {
+    return std::pair<double, double>(style_std[n * g.c + c] * r, style_mean[n * g.c + c]);
+  });
 }
 
 }  // namespace

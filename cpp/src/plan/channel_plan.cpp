@@ -1,5 +1,6 @@
 #include "plan/channel_plan.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -209,8 +210,6 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
   p.partial_mean = partial_mean.data();
   p.partial_m2 = partial_m2.data();
   p.threads = runtime::threads_for(bytes);
-  std::vector<double> scratch(static_cast<std::size_t>(p.threads) * 4 * g.c);  // >= the float need
-  p.scratch = scratch.data();
   kernels.columns_stats(p);
 
   const std::int64_t per_group = per_sample ? g.c / groups : 1;
@@ -233,7 +232,7 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
-                   const std::vector<double>* center) {
+                   const std::vector<double>* center, std::int64_t whole_output_bytes) {
   if (x.numel() == 0) return;
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
@@ -249,7 +248,8 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     hi_t = to_acc_table(hi, x.dtype);
     lo_t = to_acc_table(lo, x.dtype);
   }
-  const bool stream = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
+  const bool stream =
+      !core::same_memory(x, y) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
   const int threads = runtime::threads_for(2 * bytes);
   if (!g.channels_last) {
     kernels::RowsForward p;

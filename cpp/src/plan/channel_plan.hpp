@@ -43,9 +43,11 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 // y = ((x - center) * scale + shift) per (sample, channel) when per_sample
 // (tables of N*C), else per channel (tables of C). center may be null (then the
 // folded form y = x * scale + shift).
+// `whole_output_bytes`: when x/y are one slice of a larger output, that
+// output's size (the kind of store depends on it).
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
-                   const std::vector<double>* center);
+                   const std::vector<double>* center, std::int64_t whole_output_bytes = 0);
 
 // Channels-first per-sample norm in one fused pass per (sample, group) row:
 // statistics, then y = (x - mean) * rstd * weight[p] + bias[p], p per segment
