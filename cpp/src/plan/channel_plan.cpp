@@ -14,18 +14,26 @@ namespace normkit::plan {
 
 namespace {
 
-// Chan et al.: merges (count, mean, M2) summaries in a fixed order.
-struct Summary {
-  double count = 0, mean = 0, m2 = 0;
-  void add(double n, double m, double q) {
-    if (n == 0) return;
-    const double total = count + n;
-    const double delta = m - mean;
-    mean += delta * (n / total);
-    m2 += q + delta * delta * (count * (n / total));
-    count = total;
-  }
-};
+// Merges (count, mean, M2) summaries visited in a fixed order, in double:
+// the total mean first, then M2 = sum of M2_i + count_i * (mean_i - mean)^2
+// (the parallel-variance identity behind Chan's formula, without a division
+// per summary: this runs over thousands of block partials per call).
+// `each(visit)` calls visit(count, mean, m2) for every summary.
+template <class Each>
+void merge_summaries(Each&& each, double& mean, double& var) {
+  double count = 0, sum = 0;
+  each([&](double n, double m, double) {
+    count += n;
+    sum += n * m;
+  });
+  mean = sum / count;
+  double m2 = 0;
+  each([&](double n, double m, double q) {
+    const double d = m - mean;
+    m2 += q + n * d * d;
+  });
+  var = m2 / count;
+}
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
@@ -185,13 +193,12 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
       out.var = row_var;
     } else {
       for (std::int64_t c = 0; c < g.c; ++c) {
-        Summary s;
-        for (std::int64_t n = 0; n < g.n; ++n) {
-          const std::int64_t r = n * g.c + c;
-          s.add(double(cols), row_mean[r], row_var[r] * double(cols));
-        }
-        out.mean[c] = s.mean;
-        out.var[c] = s.m2 / s.count;
+        merge_summaries(
+            [&](auto&& visit) {
+              for (std::int64_t n = 0; n < g.n; ++n)
+                visit(double(cols), row_mean[n * g.c + c], row_var[n * g.c + c] * double(cols));
+            },
+            out.mean[c], out.var[c]);
       }
     }
     return out;
@@ -216,15 +223,16 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
   const std::int64_t out_groups = per_sample ? groups : g.c;
   for (std::int64_t b = 0; b < p.batches; ++b) {
     for (std::int64_t grp = 0; grp < out_groups; ++grp) {
-      Summary s;
-      for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
-        for (std::int64_t k = 0; k < blocks; ++k) {
-          const std::int64_t i = (b * blocks + k) * g.c + c;
-          const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
-          s.add(count, partial_mean[i], partial_m2[i]);
-        }
-      out.mean[b * out_groups + grp] = s.mean;
-      out.var[b * out_groups + grp] = s.m2 / s.count;
+      merge_summaries(
+          [&](auto&& visit) {
+            for (std::int64_t k = 0; k < blocks; ++k) {
+              const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
+              const std::int64_t base = (b * blocks + k) * g.c;
+              for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
+                visit(count, partial_mean[base + c], partial_m2[base + c]);
+            }
+          },
+          out.mean[b * out_groups + grp], out.var[b * out_groups + grp]);
     }
   }
   return out;
