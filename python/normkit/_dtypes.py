@@ -50,6 +50,14 @@ def as_params(x_dtype, *named):
     """Weight/bias vectors, given as (array or None, name) pairs, in the one
     dtype the kernels take for all of them: x's dtype, or for 16-bit x float32
     unless every given one already has x's dtype. Contiguous."""
+    # Fast path (the common call): contiguous NumPy arrays already of x's dtype.
+    ready = []
+    for p, _ in named:
+        if p is not None and not (type(p) is np.ndarray and p.dtype == x_dtype and p.flags.c_contiguous):
+            break
+        ready.append(p)
+    else:
+        return ready
     arrays = [None if p is None else as_input(p, name) for p, name in named]
     if is_16bit(x_dtype) and any(a is not None and a.dtype != x_dtype for a in arrays):
         target = FLOAT32
