@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import normkit
+from helpers import raises_named, raises_prefixed
 
 N = 8
 FUNCS = {
@@ -28,17 +29,6 @@ def norm(request):
 
 def good_x(dtype=np.float32):
     return np.arange(3 * N, dtype=np.float64).reshape(3, N).astype(dtype)
-
-
-def raises_named(exc_type, name, fn):
-    """fn() raises exc_type (exactly that family) with a message starting with `name`."""
-    with pytest.raises(exc_type) as info:
-        fn()
-    msg = str(info.value)
-    assert msg.startswith(name), f"message does not start with {name!r}: {msg!r}"
-    # the message says more than the name
-    assert len(msg) > len(name) + 5, msg
-    return msg
 
 
 # --------------------------------------------------------------------------- x
@@ -191,9 +181,7 @@ def test_bad_eps_value(norm, eps):
 
 @pytest.mark.parametrize("eps", [[1e-5], 1j, object(), np.ones(2)], ids=["list", "complex", "object", "array"])
 def test_bad_eps_type(norm, eps):
-    with pytest.raises((TypeError, ValueError)) as info:
-        norm(good_x(), N, eps=eps)
-    assert str(info.value).startswith("eps"), str(info.value)
+    raises_prefixed((TypeError, ValueError), "eps", lambda: norm(good_x(), N, eps=eps))
 
 
 def test_layer_norm_eps_none_is_refused():
@@ -269,9 +257,7 @@ def test_out_same_memory_other_strides(norm):
     x = buf
     out = buf.T
     before = buf.copy()
-    with pytest.raises(ValueError) as info:
-        norm(x, N, out=out)
-    assert str(info.value).startswith("out")
+    raises_prefixed(ValueError, "out", lambda: norm(x, N, out=out))
     assert np.array_equal(buf, before)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import normkit
+from helpers import raises_named, raises_prefixed, to_last
 
 N, C, H, W = 2, 6, 3, 5
 
@@ -24,16 +25,6 @@ def good_x(dtype=np.float32, shape=(N, C, H, W)):
 
 def running(c=C, dtype=np.float32):
     return np.zeros(c, dtype), np.ones(c, dtype)
-
-
-def raises_named(exc_type, name, fn):
-    """fn() raises exc_type with a message starting with `name` (and saying more)."""
-    with pytest.raises(exc_type) as info:
-        fn()
-    msg = str(info.value)
-    assert msg.startswith(name), f"message does not start with {name!r}: {msg!r}"
-    assert len(msg) > len(name) + 5, msg
-    return msg
 
 
 # Each norm as a function of (x, **overrides); defaults make a valid call.
@@ -117,9 +108,7 @@ def test_x_not_an_array(norm, x):
 def test_x_rank_without_a_layout(norm, shape):
     """Ranks that no channel layout has: refused (naming x or layout), never guessed."""
     x = np.ones(shape, np.float32)
-    with pytest.raises(ValueError) as info:
-        norm(x, c=shape[1] if len(shape) > 1 else 1)
-    assert str(info.value).startswith(("x", "layout")), str(info.value)
+    raises_prefixed(ValueError, ("x", "layout"), lambda: norm(x, c=shape[1] if len(shape) > 1 else 1))
 
 
 # --------------------------------------------------------------------------- layout
@@ -132,9 +121,7 @@ def test_unknown_layout_string(norm, layout):
 
 @pytest.mark.parametrize("layout", [4, 1.5, object(), b"NCHW"], ids=["int", "float", "object", "bytes"])
 def test_layout_of_wrong_type(norm, layout):
-    with pytest.raises((TypeError, ValueError)) as info:
-        norm(good_x(), layout=layout)
-    assert str(info.value).startswith("layout"), str(info.value)
+    raises_prefixed((TypeError, ValueError), "layout", lambda: norm(good_x(), layout=layout))
 
 
 @pytest.mark.parametrize(
@@ -245,9 +232,8 @@ def test_training_with_only_one_running_stat(which):
     rm, rv = running()
     kw = {"running_mean": rm if which == "running_mean" else None, "running_var": rv if which == "running_var" else None}
     before = (rm.copy(), rv.copy())
-    with pytest.raises(ValueError) as info:
-        normkit.batch_norm(good_x(), kw["running_mean"], kw["running_var"], training=True)
-    assert str(info.value).startswith(("running_mean", "running_var")), str(info.value)
+    raises_prefixed(ValueError, ("running_mean", "running_var"),
+                    lambda: normkit.batch_norm(good_x(), kw["running_mean"], kw["running_var"], training=True))
     assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1])
 
 
@@ -271,9 +257,7 @@ def test_running_stats_not_arrays(which):
     rm, rv = running()
     kw = {"running_mean": rm, "running_var": rv}
     kw[which] = kw[which].tolist()
-    with pytest.raises((TypeError, ValueError)) as info:
-        normkit.batch_norm(good_x(), training=True, **kw)
-    assert str(info.value).startswith(which), str(info.value)
+    raises_prefixed((TypeError, ValueError), which, lambda: normkit.batch_norm(good_x(), training=True, **kw))
 
 
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])
@@ -315,7 +299,7 @@ def test_instance_norm_one_spatial_element(shape, layout):
 @pytest.mark.parametrize("groups", [0, -1, -6, 4, 5, 7, 12])
 def test_num_groups_not_a_positive_divisor(groups):
     raises_named(ValueError, "num_groups", lambda: normkit.group_norm(good_x(), groups))
-    xl = np.ascontiguousarray(np.moveaxis(good_x(), 1, -1))
+    xl = to_last(good_x())
     raises_named(ValueError, "num_groups", lambda: normkit.group_norm(xl, groups, layout="NHWC"))
 
 
@@ -352,7 +336,7 @@ def test_affine_wrong_rank(fn, name):
 @pytest.mark.parametrize("fn", list(AFFINE_NORMS))
 def test_affine_channels_last_length_is_c(fn, name):
     """In NHWC the channel count is the last dim: a weight of the second dim's length is wrong."""
-    x = np.ascontiguousarray(np.moveaxis(good_x(), 1, -1))  # (N, H, W, C)
+    x = to_last(good_x())  # (N, H, W, C)
     raises_named(ValueError, name, lambda: AFFINE_NORMS[fn](x, layout="NHWC", **{name: np.ones(H, np.float32)}))
 
 
@@ -378,7 +362,7 @@ def test_style_map_wrong_n_or_c(style_shape):
 
 
 def test_style_map_wrong_c_channels_last():
-    x = np.ascontiguousarray(np.moveaxis(good_x(), 1, -1))
+    x = to_last(good_x())
     style = good_x(shape=(N, 4, 4, C + 1))
     raises_named(ValueError, "style", lambda: normkit.adaptive_instance_norm(x, style, layout="NHWC"))
 
@@ -479,9 +463,7 @@ def test_out_read_only(norm):
 
 
 def test_out_not_an_array(norm):
-    with pytest.raises(TypeError) as info:
-        norm(good_x(), out=[[0.0]])
-    assert str(info.value).startswith("out"), str(info.value)
+    raises_prefixed(TypeError, "out", lambda: norm(good_x(), out=[[0.0]]))
 
 
 def test_out_partially_overlapping_x(norm):

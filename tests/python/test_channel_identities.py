@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 
 import normkit
+from channel_reference import CHANNELS_FIRST as FIRST, CHANNELS_LAST as LAST
+from helpers import from_last, to_last
 
-LAST = {3: "NLC", 4: "NHWC", 5: "NDHWC"}
-FIRST = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
 SHAPES = [(2, 3, 7), (3, 17, 5, 4), (2, 4, 3, 2, 5), (1, 65, 33)]
 # float32 results computed along different paths (fused rows vs columns, LayerNorm
 # vs GroupNorm) agree to a few float32 ulps of the unit-scale output.
 TOL = 5e-6
-
-
-def to_last(a):
-    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
-
-
-def from_last(a):
-    return np.moveaxis(a, -1, 1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

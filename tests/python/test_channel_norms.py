@@ -6,8 +6,9 @@ the channels-last layout of the same rank: each result is checked against the
 float64 reference and the channels-last one against the transposed
 channels-first one.
 
-Tolerances (module constants below) are stated relative to the output's scale:
-``scale = max(1, max |reference|)`` over the compared array.
+Tolerances (the constants and comparisons in helpers.py, a few more below) are
+stated relative to the output's scale: ``scale = max(1, max |reference|)`` over the
+compared array.
 """
 
 from __future__ import annotations
@@ -31,32 +32,34 @@ from channel_reference import (
     instance_norm_ref,
     to_channels_first,
 )
-from reference import machine_eps, stats_dtype
+from helpers import (
+    DTYPE_NAMES,
+    TOL32,
+    TOL64,
+    UNIT_VAR_TOL,
+    assert_close,
+    assert_running_close,
+    assert_stats_close,
+    in_layout,
+    make_params,
+    make_x,
+    np_dtype,
+    raises_prefixed,
+    same_bits,
+    to_last,
+)
+from reference import stats_dtype
 
 # --------------------------------------------------------------------------- tolerances
 
-# float64 kernels: reductions over at most ~1e6 elements; 1e-12 of the output scale
-# catches any float32 step in the float64 path (that would show ~1e-7).
-TOL64 = 1e-12
-# float32 kernels: float32 accumulation (blocked/merged partial sums), the final
-# multiply-add, and for BatchNorm inference the folded form x * scale + shift:
-# ~1e-6 in practice, 1e-5 of the output scale allowed.
-TOL32 = 1e-5
-# float16/bfloat16: float32 statistics, output rounded once to 16 bits. Allowed:
-# 2 ulps of the 16-bit type at each output's magnitude plus TOL32 of the scale.
-ULPS16 = 2
-# mean/rstd statistics: float32 for 32/16-bit inputs (mean relative to the data's
-# magnitude, rstd relative), float64 for float64 inputs.
-STATS_TOL = {"float64": TOL64, "float32": TOL32}
-# Hostile data (mean 1e4, std 1e-2, float32): unit variance within this.
-UNIT_VAR_TOL = 1e-3
-# ... and the normalized output within this of the float64 reference: the error must
-# not scale with mean/std = 1e6 (a float32 x * rstd - mean * rstd costs ~3e-2 here).
+# TOL64, TOL32, ULPS16, STATS_TOL and UNIT_VAR_TOL: see helpers.py.
+# Hostile data (mean 1e4, std 1e-2, float32): the normalized output within this of the
+# float64 reference: the error must not scale with mean/std = 1e6 (a float32
+# x * rstd - mean * rstd costs ~3e-2 here).
 HOSTILE_TOL = 1e-4
 # PyTorch float32 against normkit float32: both carry ~1e-6 of error.
 TORCH_TOL32 = 2 * TOL32
 
-DTYPE_NAMES = ["float32", "float64", "float16", "bfloat16"]
 CHANNELS = [1, 3, 17, 65]
 SPATIAL = [1, 7, 33]
 # (rank, spatial size); NC (rank 2) has no spatial dims: one case
@@ -66,22 +69,6 @@ N = 3
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def dtype_name(dtype) -> str:
-    dtype = np.dtype(dtype)
-    return "bfloat16" if dtype.name == "bfloat16" else dtype.name
-
-
-def is_16bit(dtype) -> bool:
-    return dtype_name(dtype) in ("float16", "bfloat16")
 
 
 def spatial_shape(rank: int, s: int) -> tuple:
@@ -95,10 +82,6 @@ def spatial_shape(rank: int, s: int) -> tuple:
     return (1, 1, 1) if s == 1 else (2, s, 3)
 
 
-def make_x(rng, shape, dtype, loc=0.5, scale=2.0):
-    return (rng.standard_normal(shape) * scale + loc).astype(dtype)
-
-
 def make_cf(rng, n, c, rank, s, dtype, **kw):
     """A channels-first array with per-channel offsets (so channels differ)."""
     shape = (n, c) + spatial_shape(rank, s)
@@ -107,95 +90,10 @@ def make_cf(rng, n, c, rank, s, dtype, **kw):
     return x.astype(dtype)
 
 
-def in_layout(x_cf, layout):
-    """A channels-first array's values as a contiguous array in `layout`."""
-    return np.ascontiguousarray(from_channels_first(x_cf, layout))
-
-
-def make_params(rng, c, dtype, affine):
-    weight = bias = None
-    if affine in ("weight", "both"):
-        weight = (1.0 + 0.5 * rng.standard_normal(c)).astype(dtype)
-    if affine in ("bias", "both"):
-        bias = (0.5 * rng.standard_normal(c)).astype(dtype)
-    return weight, bias
-
-
 def make_running(rng, c, dtype):
     rm = rng.uniform(-1, 1, c).astype(dtype)
     rv = rng.uniform(0.5, 3, c).astype(dtype)
     return rm, rv
-
-
-def same_bits(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-def _scale(ref):
-    finite = np.abs(ref[np.isfinite(ref)])
-    return max(1.0, float(finite.max())) if finite.size else 1.0
-
-
-def tolerance(dtype, ref, tol32=TOL32):
-    name = dtype_name(dtype)
-    scale = _scale(ref)
-    if name == "float64":
-        return TOL64 * scale
-    if name == "float32":
-        return tol32 * scale
-    return ULPS16 * machine_eps(dtype) * np.abs(ref) + tol32 * scale
-
-
-def assert_close(actual, ref, dtype, what="y", tol32=TOL32):
-    """actual against a float64 reference; NaNs must coincide."""
-    actual = np.asarray(actual).astype(np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != {ref.shape}"
-    nan_a, nan_r = np.isnan(actual), np.isnan(ref)
-    assert np.array_equal(nan_a, nan_r), f"{what}: NaN at different places ({nan_a.sum()} vs {nan_r.sum()} NaNs)"
-    tol = np.broadcast_to(tolerance(dtype, ref, tol32), ref.shape)
-    with np.errstate(invalid="ignore"):
-        err = np.abs(actual - ref)
-        bad = ~nan_r & ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, err, -1)), ref.shape)
-        raise AssertionError(
-            f"{what} ({dtype_name(dtype)}): {bad.sum()} of {ref.size} elements out of tolerance; worst at {i}: "
-            f"got {actual[i]!r}, expected {ref[i]!r}, |err|={err[i]:.3g} > tol={np.asarray(tol)[i]:.3g}"
-        )
-
-
-def assert_stats_close(actual, ref, x_dtype, kind, x=None):
-    """mean (kind='mean') / rstd (kind='rstd') statistics: dtype, shape and values."""
-    assert actual.dtype == stats_dtype(x_dtype), f"{kind}: dtype {actual.dtype}, expected {stats_dtype(x_dtype)}"
-    assert actual.shape == ref.shape, f"{kind}: shape {actual.shape}, expected {ref.shape}"
-    tol = STATS_TOL["float64" if dtype_name(x_dtype) == "float64" else "float32"]
-    a = actual.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        if kind == "rstd":
-            bound = tol * np.abs(ref)
-        else:
-            mag = np.nanmax(np.abs(np.asarray(x, dtype=np.float64))) if x is not None and np.size(x) else 1.0
-            bound = tol * max(1.0, float(mag))
-        ok = (np.abs(a - ref) <= bound) | (np.isnan(a) & np.isnan(ref))
-    assert ok.all(), f"{kind}: max |err| {np.nanmax(np.abs(a - ref)):.3g}, bound {np.max(bound):.3g}"
-
-
-def assert_running_close(actual, ref, what):
-    """An updated running statistic (its own dtype) against the float64 reference."""
-    a = np.asarray(actual).astype(np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert a.shape == ref.shape, f"{what}: shape {a.shape} != {ref.shape}"
-    name = dtype_name(actual.dtype)
-    if name == "float64":
-        tol = TOL64 * np.maximum(1.0, np.abs(ref))
-    elif name == "float32":
-        tol = TOL32 * np.maximum(1.0, np.abs(ref))
-    else:
-        tol = ULPS16 * machine_eps(actual.dtype) * np.abs(ref) + TOL32 * np.maximum(1.0, np.abs(ref))
-    err = np.abs(a - ref)
-    assert np.all(err <= tol), f"{what}: max |err| {err.max():.3g}; got {a}, expected {ref}"
 
 
 def divisors(c):
@@ -329,9 +227,7 @@ def run_case(norm, x_cf, rank, p, dtype, what=""):
         # PyTorch's rule: "Expected more than 1 spatial element when training"
         for layout in dict.fromkeys([CHANNELS_FIRST[rank], CHANNELS_LAST[rank]]):
             x = in_layout(x_cf, layout)
-            with pytest.raises(ValueError) as info:
-                call_norm(norm, x, layout, p)
-            assert str(info.value).startswith("x"), str(info.value)
+            raises_prefixed(ValueError, "x", lambda: call_norm(norm, x, layout, p))
         return
     if norm == "gn":
         c = x_cf.shape[1]
@@ -483,9 +379,7 @@ def test_batch_norm_training_two_values_per_channel(kernel_path, layout, rng):
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1), (1, 4, 1, 1, 1)], ids=str)
 def test_batch_norm_training_one_value_per_channel(shape):
     x = np.ones(shape, np.float32)
-    with pytest.raises(ValueError) as info:
-        normkit.batch_norm(x, None, None, training=True)
-    assert str(info.value).startswith("x")
+    raises_prefixed(ValueError, "x", lambda: normkit.batch_norm(x, None, None, training=True))
     # inference is fine
     y = normkit.batch_norm(x, np.zeros(4, np.float32), np.ones(4, np.float32))
     assert y.shape == shape
@@ -1235,7 +1129,7 @@ def test_isa_env_forces_path_for_channel_norms():
     try:
         rng = np.random.default_rng(3)
         x = rng.standard_normal((3, 17, 5, 7)).astype(np.float32)
-        xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        xl = to_last(x)
         ys = [normkit.batch_norm(x, None, None, training=True), normkit.batch_norm(xl, None, None, training=True,
               layout="NHWC"), normkit.group_norm(xl, 17, layout="NHWC"), normkit.instance_norm(x)]
     finally:
