@@ -148,38 +148,27 @@ NB_MODULE(_ext, m) {
       .value("NCDHW", normkit::Layout::NCDHW)
       .value("NDHWC", normkit::Layout::NDHWC);
 
-  m.def(
-      "batch_norm",
-      [](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight, OptArray bias,
-         bool training, double momentum, double eps, std::optional<std::string> layout, OptArray mean,
-         OptArray rstd, bool bf16) {
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
-        const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
-        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
-        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
-        const auto lay = to_layout(layout);
-        KernelGilRelease release(xr.numel());
-        naming_out([&] { normkit::batch_norm(xr, yr, rm, rv, wr, br, training, momentum, eps, lay, mr, rr); });
-      },
-      "x"_a, "y"_a, "running_mean"_a.none(), "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(),
-      "training"_a, "momentum"_a, "eps"_a, "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
-
-  m.def(
-      "instance_norm",
-      [](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight, OptArray bias,
-         bool use_input_stats, double momentum, double eps, std::optional<std::string> layout, OptArray mean,
-         OptArray rstd, bool bf16) {
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
-        const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
-        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
-        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
-        const auto lay = to_layout(layout);
-        KernelGilRelease release(xr.numel());
-        naming_out(
-            [&] { normkit::instance_norm(xr, yr, rm, rv, wr, br, use_input_stats, momentum, eps, lay, mr, rr); });
-      },
-      "x"_a, "y"_a, "running_mean"_a.none(), "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(),
-      "use_input_stats"_a, "momentum"_a, "eps"_a, "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+  // batch_norm and instance_norm share one C++ signature:
+  // (x, y, running_mean, running_var, weight, bias, flag, momentum, eps, layout, mean, rstd).
+  auto running_norm = [](auto norm) {
+    return [norm](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight,
+                  OptArray bias, bool flag, double momentum, double eps, std::optional<std::string> layout,
+                  OptArray mean, OptArray rstd, bool bf16) {
+      const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+      const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
+      const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+      const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+      const auto lay = to_layout(layout);
+      KernelGilRelease release(xr.numel());
+      naming_out([&] { norm(xr, yr, rm, rv, wr, br, flag, momentum, eps, lay, mr, rr); });
+    };
+  };
+  m.def("batch_norm", running_norm(&normkit::batch_norm), "x"_a, "y"_a, "running_mean"_a.none(),
+        "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(), "training"_a, "momentum"_a, "eps"_a,
+        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+  m.def("instance_norm", running_norm(&normkit::instance_norm), "x"_a, "y"_a, "running_mean"_a.none(),
+        "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(), "use_input_stats"_a, "momentum"_a, "eps"_a,
+        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
 
   m.def(
       "group_norm",
