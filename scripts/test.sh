@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need, builds and installs
-# normkit, then runs the Python tests (pytest) and the C++ tests (GoogleTest,
-# via ctest). Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
+# normkit, then runs the Python tests (pytest), builds and runs the C++ example
+# against the installed C++ package, and runs the C++ tests (GoogleTest, via
+# ctest). Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -39,7 +40,19 @@ step "Python tests"
 (cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider python)
 
 # --- C++ tests -----------------------------------------------------------------
-step "C++ tests"
+step "building the C++ library and its tests"
 cmake -S . -B build/cpp-tests -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=ON >/dev/null
 cmake --build build/cpp-tests -j "$JOBS"
+
+# The installed C++ package, used as an engine would: install, then build
+# examples/cpp as a separate project with find_package(normkit) and run it.
+step "C++ package: install, build examples/cpp against it, run it"
+rm -rf build/cpp-install build/cpp-example
+cmake --install build/cpp-tests --prefix build/cpp-install >/dev/null
+cmake -S examples/cpp -B build/cpp-example -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$PWD/build/cpp-install" >/dev/null
+cmake --build build/cpp-example -j "$JOBS" >/dev/null
+build/cpp-example/engine_demo
+
+step "C++ tests"
 ctest --test-dir build/cpp-tests --output-on-failure
