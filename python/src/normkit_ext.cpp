@@ -49,6 +49,10 @@ normkit::DType to_dtype(const AnyArray& a, const char* argument, bool bf16_as_ui
 }
 
 normkit::TensorRef to_ref(const AnyArray& a, const char* argument, bool bf16) {
+  if (a.ndim() > static_cast<size_t>(normkit::kMaxRank))
+    throw normkit::Error(normkit::ErrorKind::value, std::string(argument) + ": " + std::to_string(a.ndim()) +
+                                                        " dimensions exceed normkit's maximum of " +
+                                                        std::to_string(normkit::kMaxRank));
   normkit::Dims shape, strides;
   for (size_t i = 0; i < a.ndim(); ++i) {
     shape.push_back(static_cast<int64_t>(a.shape(i)));
@@ -61,7 +65,13 @@ normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
   return a ? to_ref(*a, argument, bf16) : normkit::TensorRef{};
 }
 
-normkit::Dims to_dims(const std::vector<int64_t>& v) { return normkit::Dims(v.begin(), v.end()); }
+normkit::Dims to_dims(const std::vector<int64_t>& v) {
+  if (v.size() > static_cast<size_t>(normkit::kMaxRank))
+    throw normkit::Error(normkit::ErrorKind::value, "normalized_shape: " + std::to_string(v.size()) +
+                                                        " dimensions exceed normkit's maximum of " +
+                                                        std::to_string(normkit::kMaxRank));
+  return normkit::Dims(v.begin(), v.end());
+}
 
 std::optional<normkit::Layout> to_layout(const std::optional<std::string>& name) {
   if (!name) return std::nullopt;

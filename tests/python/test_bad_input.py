@@ -326,3 +326,12 @@ def test_set_kernel_path_unsupported():
         normkit._set_kernel_path(missing[0])
     assert missing[0] in str(exc.value)
     assert normkit.info()["kernel_path"] == info["kernel_path"]
+
+
+def test_rank_above_the_maximum_names_x():
+    """normkit handles up to 8 dimensions; more is a ValueError naming x, not a crash."""
+    x = np.ones((1,) * 9 + (4,), np.float32)
+    with pytest.raises(ValueError, match="^x: 10 dimensions exceed"):
+        normkit.layer_norm(x, 4)
+    with pytest.raises(ValueError, match="^x: 10 dimensions exceed"):
+        normkit.batch_norm(x, None, None, training=True)
