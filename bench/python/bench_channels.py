@@ -3,7 +3,7 @@
 
     python bench/python/bench_channels.py                  # full run (2-3 minutes on 2 cores)
     python bench/python/bench_channels.py --quick          # smoke test (about 1.5 minutes)
-    python bench/python/bench_channels.py --threads 2 --cases 'bn_*' --markdown /tmp/channels.md
+    python bench/python/bench_channels.py --threads 2 --cases 'bn_*' --markdown channels.md
 
 Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training in NCHW and NHWC, BatchNorm1d
 [4096,1024] inference (layout NC), GroupNorm G=32 [8,320,64,64] NCHW and NHWC, InstanceNorm2d
