@@ -1,4 +1,4 @@
-"""Channels-last statistics when one-pass shifted sums would cancel.
+"""Statistics when one-pass shifted sums would cancel (outliers where the shift is taken).
 
 The columns kernels sum x - shift (shift = the first row of each block of
 rows) in one pass and fall back to a two-pass for a tile where that would lose
@@ -38,3 +38,18 @@ def test_group_norm_channels_last_outlier_first_pixel(kernel_path, rng):
     # Outliers 1e6 times the spread: float32 statistics hold the outputs to ~1e-5
     # relative (the channels-first path, another algorithm, shows 4e-6 here).
     np.testing.assert_allclose(g.reshape(ref.shape), ref, rtol=2e-5, atol=2e-4)
+
+
+def test_layer_norm_outlier_first_element_takes_the_two_pass(kernel_path, rng):
+    """Rows whose first element (the shift) is an outlier, with more outliers
+    further on: the rows kernel's two-pass fallback, whose sums are flushed in
+    blocks so that small deviations after an outlier do not round one way."""
+    x = (5.0 + 1e-3 * rng.standard_normal((64, 4096))).astype(np.float32)
+    x[:, 0] = 5e3
+    x[:, 1::512] = -5e3
+    x64 = x.astype(np.float64)
+    var = x64.var(-1)
+    y, mean, rstd = normkit.layer_norm(x, 4096, eps=0.0, return_stats=True)
+    np.testing.assert_allclose(1.0 / rstd.ravel().astype(np.float64) ** 2, var, rtol=3e-6)
+    np.testing.assert_allclose(mean.ravel(), x64.mean(-1), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(y, (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(var)[:, None], rtol=1e-5, atol=1e-4)
