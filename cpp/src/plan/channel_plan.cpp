@@ -244,7 +244,19 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   if (x.numel() == 0) return;
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
-  const AccTable scale_t = to_acc_table(scale, x.dtype), shift_t = to_acc_table(shift, x.dtype);
+  const std::int64_t batches = per_sample ? g.n : 1;
+  // The columns kernel reads tables extended periodically per batch (see
+  // ColumnsApply); the rows kernel reads them as they are.
+  const std::int64_t stride = g.channels_last ? g.c + kernels::kColumnsTablePad : g.c;
+  // Lays a double table out for the kernel and converts it to the stats dtype, once.
+  auto table = [&](const std::vector<double>& v) {
+    if (!g.channels_last) return to_acc_table(v, x.dtype);
+    std::vector<double> extended(batches * stride);
+    for (std::int64_t b = 0; b < batches; ++b)
+      for (std::int64_t j = 0; j < stride; ++j) extended[b * stride + j] = v[b * g.c + j % g.c];
+    return to_acc_table(extended, x.dtype);
+  };
+  const AccTable scale_t = table(scale), shift_t = table(shift);
   AccTable hi_t, lo_t;
   if (center) {
     // center = hi + lo, each in the stats dtype: (x - hi) - lo keeps a large mean exact.
@@ -253,8 +265,8 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
       hi[i] = x.dtype == DType::float64 ? (*center)[i] : double(float((*center)[i]));
       lo[i] = (*center)[i] - hi[i];
     }
-    hi_t = to_acc_table(hi, x.dtype);
-    lo_t = to_acc_table(lo, x.dtype);
+    hi_t = table(hi);
+    lo_t = table(lo);
   }
   const bool stream =
       !core::same_memory(x, y) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
@@ -282,30 +294,16 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   } else {
     kernels::ColumnsApply p;
     p.dtype = x.dtype;
-    p.batches = per_sample ? g.n : 1;
+    p.batches = batches;
     p.rows = per_sample ? g.s : g.n * g.s;
     p.cols = g.c;
-    p.table_stride = g.c + kernels::kColumnsTablePad;
-    // Tables extended periodically per batch (see ColumnsApply).
-    auto extend = [&](const AccTable& t) {
-      std::vector<double> v(p.batches * p.table_stride);
-      for (std::int64_t b = 0; b < p.batches; ++b)
-        for (std::int64_t j = 0; j < p.table_stride; ++j)
-          v[b * p.table_stride + j] = t.d.empty() ? double(t.f[b * g.c + j % g.c]) : t.d[b * g.c + j % g.c];
-      return to_acc_table(v, x.dtype);
-    };
-    const AccTable scale_e = extend(scale_t), shift_e = extend(shift_t);
-    AccTable hi_e, lo_e;
-    if (center) {
-      hi_e = extend(hi_t);
-      lo_e = extend(lo_t);
-    }
+    p.table_stride = stride;
     p.x = x.data;
     p.y = y.data;
-    p.scale = scale_e.data();
-    p.shift = shift_e.data();
-    p.center_hi = center ? hi_e.data() : nullptr;
-    p.center_lo = center ? lo_e.data() : nullptr;
+    p.scale = scale_t.data();
+    p.shift = shift_t.data();
+    p.center_hi = center ? hi_t.data() : nullptr;
+    p.center_lo = center ? lo_t.data() : nullptr;
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.columns_apply(p);
