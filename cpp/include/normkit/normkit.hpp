@@ -3,6 +3,7 @@
 
 #include "normkit/dtype.hpp"
 #include "normkit/error.hpp"
+#include "normkit/layers.hpp"
 #include "normkit/layout.hpp"
 #include "normkit/norms.hpp"
 #include "normkit/runtime.hpp"

@@ -88,4 +88,60 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
                             const TensorRef& style_std, double eps = 1e-5,
                             std::optional<Layout> layout = std::nullopt);
 
+// ---- backward ---------------------------------------------------------------
+// Gradients of the norms above, from the statistics their forward wrote
+// (`mean`, `rstd`: same counts and dtype as the forward's outputs). Common rules:
+// - dy, x: the forward's x shape and dtype (x as given to the forward).
+// - dx: required, x's shape and dtype; may be dy or x itself (in place), no
+//   other overlap. Rows norms: the same stride rules as x; channel norms: contiguous.
+// - weight: what the forward got (optional). dweight / dbias: optional outputs
+//   of shape weight's (LayerNorm/RMSNorm: normalized_shape; channel norms: (C)),
+//   dtype x's, or float32 for 16-bit x; they are overwritten, not accumulated.
+//   They may be asked for without a weight (then the gradient of a weight of ones).
+// - Reductions use fixed blocks merged in a fixed order: gradients are bit for
+//   bit the same from run to run and for any thread count.
+// - Statistics saved as float32 (float32/16-bit x) may round a large mean; the
+//   training-statistics gradients recentre on the exact mean of x, so a mean of
+//   1e4 with a spread of 1e-2 still gives exact gradients.
+
+void layer_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
+                         const TensorRef& dweight = {}, const TensorRef& dbias = {});
+
+void rms_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& rstd, const Dims& normalized_shape,
+                       const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight = {});
+
+// training: mean/rstd are the batch statistics (gradient through them);
+// otherwise they are the running statistics the forward used (dx = dy * weight * rstd).
+// mean, rstd: (C).
+void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight = {},
+                         const TensorRef& dbias = {}, bool training = true,
+                         std::optional<Layout> layout = std::nullopt);
+
+// mean, rstd: (N, C) as instance_norm wrote them (the running statistics
+// repeated per sample when use_input_stats was false).
+void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                            const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight = {},
+                            const TensorRef& dbias = {}, bool use_input_stats = true,
+                            std::optional<Layout> layout = std::nullopt);
+
+// mean, rstd: (N, num_groups).
+void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         std::int64_t num_groups, const TensorRef& weight, const TensorRef& dx,
+                         const TensorRef& dweight = {}, const TensorRef& dbias = {},
+                         std::optional<Layout> layout = std::nullopt);
+
+// Adaptive instance norm: x's statistics are recomputed (the forward saves none).
+// From a style feature map: dstyle (optional) has style's shape and dtype.
+void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
+                                     const TensorRef& dx, const TensorRef& dstyle = {},
+                                     std::optional<Layout> layout = std::nullopt);
+// From given statistics (N, C): dstyle_mean / dstyle_std (optional) have their
+// shape and dtype.
+void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style_mean,
+                                     const TensorRef& style_std, double eps, const TensorRef& dx,
+                                     const TensorRef& dstyle_mean = {}, const TensorRef& dstyle_std = {},
+                                     std::optional<Layout> layout = std::nullopt);
+
 }  // namespace normkit

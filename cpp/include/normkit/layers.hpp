@@ -1,0 +1,252 @@
+// normkit/layers.hpp - stateful layer objects, as torch.nn modules are.
+//
+// Each layer owns its parameters (weight, bias), their gradients and, where the
+// norm has them, its running statistics, in contiguous buffers of the layer's
+// dtype (float32 by default). Constructor arguments and defaults are PyTorch's.
+//
+//   normkit::LayerNorm ln({768});
+//   ln.forward(x, y);          // training mode: saves what backward needs
+//   ln.backward(dy, dx);       // dx; grad_weight/grad_bias accumulate
+//   ln.zero_grad();
+//   ln.eval();                 // inference: nothing saved
+//
+// forward(x, y) takes views as the free functions do (normkit/norms.hpp). In
+// training mode it keeps a view of x, not a copy: x must stay alive and
+// unchanged until backward(). backward(dy, dx) needs a training-mode forward
+// since the last backward (otherwise an Error), writes dx (x's shape and dtype)
+// and adds the weight/bias gradients to grad_weight()/grad_bias().
+// Inputs may be float32, float64, float16 or bfloat16: x of the layer's dtype,
+// or 16-bit x with a float32 layer (float32 parameters, as in mixed precision).
+// Errors are normkit::Error naming the argument.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "normkit/layout.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit {
+
+// A small owned, contiguous array (parameters, gradients, running statistics).
+// Its storage never moves after construction, so views of it stay valid.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(DType dtype, Dims shape, double fill = 0.0);
+
+  bool defined() const { return defined_; }
+  DType dtype() const { return dtype_; }
+  const Dims& shape() const { return shape_; }
+  std::int64_t numel() const { return defined_ ? shape_.product() : 0; }
+  void* data() { return storage_.data(); }
+  const void* data() const { return storage_.data(); }
+  // A view of the buffer; not given (TensorRef{}) when the buffer is undefined.
+  TensorRef ref() const;
+
+  void fill(double value);
+  // Copies `src` (same shape; any normkit dtype, converted) into the buffer.
+  // A wrong shape is an Error naming `name`.
+  void assign(const TensorRef& src, const char* name);
+  // Adds `src` (same shape and dtype as the buffer) elementwise.
+  void add(const Buffer& src);
+
+ private:
+  DType dtype_ = DType::float32;
+  Dims shape_;
+  std::vector<double> storage_;  // doubles: 8-byte aligned storage for any dtype
+  bool defined_ = false;
+};
+
+// What every layer shares: the training flag.
+class NormLayer {
+ public:
+  bool training() const { return training_; }
+  void train(bool mode = true) { training_ = mode; }
+  void eval() { train(false); }
+
+ protected:
+  bool training_ = true;
+};
+
+// torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True).
+class LayerNorm : public NormLayer {
+ public:
+  explicit LayerNorm(Dims normalized_shape, double eps = 1e-5, bool elementwise_affine = true, bool bias = true,
+                     DType dtype = DType::float32);
+  void forward(const TensorRef& x, const TensorRef& y);
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  void zero_grad();
+
+  const Dims& normalized_shape() const { return normalized_shape_; }
+  double eps() const { return eps_; }
+  bool elementwise_affine() const { return elementwise_affine_; }
+  DType dtype() const { return dtype_; }
+  // Undefined when absent (elementwise_affine=false, bias=false).
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+
+ private:
+  Dims normalized_shape_;
+  double eps_;
+  bool elementwise_affine_;
+  DType dtype_;
+  Buffer weight_, bias_, grad_weight_, grad_bias_;
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_;
+  bool has_saved_ = false;
+};
+
+// torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True);
+// eps = nullopt: the machine epsilon of x's dtype.
+class RMSNorm : public NormLayer {
+ public:
+  explicit RMSNorm(Dims normalized_shape, std::optional<double> eps = std::nullopt, bool elementwise_affine = true,
+                   DType dtype = DType::float32);
+  void forward(const TensorRef& x, const TensorRef& y);
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  void zero_grad();
+
+  const Dims& normalized_shape() const { return normalized_shape_; }
+  std::optional<double> eps() const { return eps_; }
+  bool elementwise_affine() const { return elementwise_affine_; }
+  DType dtype() const { return dtype_; }
+  Buffer& weight() { return weight_; }
+  Buffer& grad_weight() { return grad_weight_; }
+
+ private:
+  Dims normalized_shape_;
+  std::optional<double> eps_;
+  bool elementwise_affine_;
+  DType dtype_;
+  Buffer weight_, grad_weight_;
+  TensorRef saved_x_;
+  Buffer saved_rstd_;
+  bool has_saved_ = false;
+};
+
+// torch.nn.BatchNorm1d/2d/3d in one class: BatchNorm(num_features, eps=1e-5,
+// momentum=0.1, affine=True, track_running_stats=True, layout). The layout
+// defaults to the channels-first layout of x's rank (NC, NCL, NCHW, NCDHW).
+// momentum = nullopt: cumulative moving average (factor 1 / num_batches_tracked).
+// Training: batch statistics, running statistics updated (if tracked),
+// num_batches_tracked += 1. Eval: running statistics if tracked, else batch ones.
+class BatchNorm : public NormLayer {
+ public:
+  explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
+                     bool affine = true, bool track_running_stats = true,
+                     std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  void forward(const TensorRef& x, const TensorRef& y);
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  void zero_grad();
+
+  std::int64_t num_features() const { return num_features_; }
+  double eps() const { return eps_; }
+  std::optional<double> momentum() const { return momentum_; }
+  bool affine() const { return affine_; }
+  bool track_running_stats() const { return track_running_stats_; }
+  std::optional<Layout> layout() const { return layout_; }
+  DType dtype() const { return dtype_; }
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+  // Undefined unless track_running_stats.
+  Buffer& running_mean() { return running_mean_; }
+  Buffer& running_var() { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+
+ private:
+  std::int64_t num_features_;
+  double eps_;
+  std::optional<double> momentum_;
+  bool affine_, track_running_stats_;
+  std::optional<Layout> layout_;
+  DType dtype_;
+  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
+  std::int64_t num_batches_tracked_ = 0;
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_;
+  bool saved_training_stats_ = true;  // backward through batch statistics?
+  bool has_saved_ = false;
+};
+
+// torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
+// eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, layout).
+// Uses input statistics in training or when not tracking; the running ones in eval.
+class InstanceNorm : public NormLayer {
+ public:
+  explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
+                        bool affine = false, bool track_running_stats = false,
+                        std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  void forward(const TensorRef& x, const TensorRef& y);
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  void zero_grad();
+
+  std::int64_t num_features() const { return num_features_; }
+  double eps() const { return eps_; }
+  std::optional<double> momentum() const { return momentum_; }
+  bool affine() const { return affine_; }
+  bool track_running_stats() const { return track_running_stats_; }
+  std::optional<Layout> layout() const { return layout_; }
+  DType dtype() const { return dtype_; }
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+  Buffer& running_mean() { return running_mean_; }
+  Buffer& running_var() { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+
+ private:
+  std::int64_t num_features_;
+  double eps_;
+  std::optional<double> momentum_;
+  bool affine_, track_running_stats_;
+  std::optional<Layout> layout_;
+  DType dtype_;
+  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
+  std::int64_t num_batches_tracked_ = 0;
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_;
+  bool saved_input_stats_ = true;
+  bool has_saved_ = false;
+};
+
+// torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.
+class GroupNorm : public NormLayer {
+ public:
+  GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true,
+            std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  void forward(const TensorRef& x, const TensorRef& y);
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  void zero_grad();
+
+  std::int64_t num_groups() const { return num_groups_; }
+  std::int64_t num_channels() const { return num_channels_; }
+  double eps() const { return eps_; }
+  bool affine() const { return affine_; }
+  std::optional<Layout> layout() const { return layout_; }
+  DType dtype() const { return dtype_; }
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+
+ private:
+  std::int64_t num_groups_, num_channels_;
+  double eps_;
+  bool affine_;
+  std::optional<Layout> layout_;
+  DType dtype_;
+  Buffer weight_, bias_, grad_weight_, grad_bias_;
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_;
+  bool has_saved_ = false;
+};
+
+}  // namespace normkit

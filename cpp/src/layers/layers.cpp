@@ -1,0 +1,3 @@
+// layers/layers.cpp - the stateful layer classes (normkit/layers.hpp).
+// (Being written.)
+#include "normkit/layers.hpp"

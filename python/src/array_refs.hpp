@@ -1,0 +1,100 @@
+// array_refs.hpp - shared by the binding files: NumPy/DLPack arrays to normkit
+// views, the GIL release around kernels, and the C++ -> Python argument naming.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "normkit/normkit.hpp"
+
+namespace normkit_python {
+
+namespace nb = nanobind;
+
+using AnyArray = nb::ndarray<nb::ro, nb::device::cpu>;
+using OptArray = std::optional<AnyArray>;
+
+// DLPack dtype -> normkit dtype. `bf16_as_uint16`: the Python layer passes
+// ml_dtypes bfloat16 arrays as uint16 views (NumPy cannot export bfloat16).
+inline normkit::DType to_dtype(const AnyArray& a, const char* argument, bool bf16_as_uint16) {
+  const auto dt = a.dtype();
+  using code = nb::dlpack::dtype_code;
+  if (dt.lanes == 1) {
+    if (dt.code == static_cast<uint8_t>(code::Float)) {
+      if (dt.bits == 32) return normkit::DType::float32;
+      if (dt.bits == 64) return normkit::DType::float64;
+      if (dt.bits == 16) return normkit::DType::float16;
+    }
+    if (dt.code == static_cast<uint8_t>(code::Bfloat) && dt.bits == 16) return normkit::DType::bfloat16;
+    if (bf16_as_uint16 && dt.code == static_cast<uint8_t>(code::UInt) && dt.bits == 16)
+      return normkit::DType::bfloat16;
+  }
+  throw normkit::Error(normkit::ErrorKind::type,
+                       std::string(argument) +
+                           ": expected a floating-point array (float32, float64, float16 or bfloat16)");
+}
+
+inline normkit::TensorRef to_ref(const AnyArray& a, const char* argument, bool bf16) {
+  if (a.ndim() > static_cast<size_t>(normkit::kMaxRank))
+    throw normkit::Error(normkit::ErrorKind::value, std::string(argument) + ": " + std::to_string(a.ndim()) +
+                                                        " dimensions exceed normkit's maximum of " +
+                                                        std::to_string(normkit::kMaxRank));
+  normkit::Dims shape, strides;
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    shape.push_back(static_cast<int64_t>(a.shape(i)));
+    strides.push_back(static_cast<int64_t>(a.stride(i)));
+  }
+  return normkit::TensorRef(const_cast<void*>(a.data()), to_dtype(a, argument, bf16), shape, strides);
+}
+
+inline normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
+  return a ? to_ref(*a, argument, bf16) : normkit::TensorRef{};
+}
+
+inline normkit::Dims to_dims(const std::vector<int64_t>& v) {
+  if (v.size() > static_cast<size_t>(normkit::kMaxRank))
+    throw normkit::Error(normkit::ErrorKind::value, "normalized_shape: " + std::to_string(v.size()) +
+                                                        " dimensions exceed normkit's maximum of " +
+                                                        std::to_string(normkit::kMaxRank));
+  return normkit::Dims(v.begin(), v.end());
+}
+
+inline std::optional<normkit::Layout> to_layout(const std::optional<std::string>& name) {
+  if (!name) return std::nullopt;
+  return normkit::parse_layout(*name, "layout");
+}
+
+// The C++ API calls its output `y`; the Python API calls it `out`. Errors about
+// it are renamed on the way out so that the message names the Python argument.
+template <class F>
+inline void naming_out(F&& call) {
+  try {
+    call();
+  } catch (const normkit::Error& e) {
+    const std::string what = e.what();
+    if (what.rfind("y: ", 0) == 0) throw normkit::Error(e.kind(), "out: " + what.substr(3));
+    throw;
+  }
+}
+
+// Releases the GIL around a kernel call, unless the call is so small that the
+// release (a futex round trip) would cost more than the kernel itself.
+class KernelGilRelease {
+ public:
+  explicit KernelGilRelease(std::int64_t elements) : state_(elements >= kMinElements ? PyEval_SaveThread() : nullptr) {}
+  ~KernelGilRelease() {
+    if (state_) PyEval_RestoreThread(state_);
+  }
+  KernelGilRelease(const KernelGilRelease&) = delete;
+  KernelGilRelease& operator=(const KernelGilRelease&) = delete;
+
+ private:
+  static constexpr std::int64_t kMinElements = 16384;
+  PyThreadState* state_;
+};
+
+}  // namespace normkit_python

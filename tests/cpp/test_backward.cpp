@@ -1,0 +1,2 @@
+// C++ tests of the backward functions (being written).
+#include <gtest/gtest.h>

@@ -1,0 +1,2 @@
+// C++ tests of the layer classes (being written).
+#include <gtest/gtest.h>
