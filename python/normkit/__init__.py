@@ -1,7 +1,8 @@
 """normkit: fast, exact normalization layers for NumPy arrays and C++ engines.
 
 Functions: layer_norm, rms_norm, batch_norm, instance_norm, group_norm,
-adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...).
+adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...), and
+their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward.
 Runtime: set_num_threads, get_num_threads, info.
 See README.md for the whole surface.
 """
@@ -9,6 +10,14 @@ See README.md for the whole surface.
 from __future__ import annotations
 
 from . import _ext
+from ._backward import (
+    adaptive_instance_norm_backward,
+    batch_norm_backward,
+    group_norm_backward,
+    instance_norm_backward,
+    layer_norm_backward,
+    rms_norm_backward,
+)
 from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
 from ._functional import layer_norm, rms_norm
 
@@ -47,6 +56,12 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "adaptive_instance_norm",
+    "layer_norm_backward",
+    "rms_norm_backward",
+    "batch_norm_backward",
+    "instance_norm_backward",
+    "group_norm_backward",
+    "adaptive_instance_norm_backward",
     "Layout",
     "set_num_threads",
     "set_output_cache_limit",

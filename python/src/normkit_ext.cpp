@@ -130,6 +130,80 @@ NB_MODULE(_ext, m) {
       "x"_a, "y"_a, "style"_a.none(), "style_mean"_a.none(), "style_std"_a.none(), "eps"_a, "layout"_a.none(),
       "bf16"_a);
 
+  // ---- backward: outputs (dx, dweight, dbias, dstyle...) are allocated by the Python layer.
+  m.def(
+      "layer_norm_backward",
+      [](AnyArray dy, AnyArray x, AnyArray mean, AnyArray rstd, std::vector<int64_t> normalized_shape,
+         OptArray weight, AnyArray dx, OptArray dweight, OptArray dbias, bool bf16) {
+        const auto dyr = to_ref(dy, "dy", bf16), xr = to_ref(x, "x", bf16), dxr = to_ref(dx, "dx", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto wr = to_ref(weight, "weight", bf16);
+        const auto dwr = to_ref(dweight, "dweight", bf16), dbr = to_ref(dbias, "dbias", bf16);
+        KernelGilRelease release(xr.numel());
+        normkit::layer_norm_backward(dyr, xr, mr, rr, to_dims(normalized_shape), wr, dxr, dwr, dbr);
+      },
+      "dy"_a, "x"_a, "mean"_a, "rstd"_a, "normalized_shape"_a, "weight"_a.none(), "dx"_a, "dweight"_a.none(),
+      "dbias"_a.none(), "bf16"_a);
+  m.def(
+      "rms_norm_backward",
+      [](AnyArray dy, AnyArray x, AnyArray rstd, std::vector<int64_t> normalized_shape, OptArray weight,
+         AnyArray dx, OptArray dweight, bool bf16) {
+        const auto dyr = to_ref(dy, "dy", bf16), xr = to_ref(x, "x", bf16), dxr = to_ref(dx, "dx", bf16);
+        const auto rr = to_ref(rstd, "rstd", false), wr = to_ref(weight, "weight", bf16);
+        const auto dwr = to_ref(dweight, "dweight", bf16);
+        KernelGilRelease release(xr.numel());
+        normkit::rms_norm_backward(dyr, xr, rr, to_dims(normalized_shape), wr, dxr, dwr);
+      },
+      "dy"_a, "x"_a, "rstd"_a, "normalized_shape"_a, "weight"_a.none(), "dx"_a, "dweight"_a.none(), "bf16"_a);
+
+  // batch_norm_backward and instance_norm_backward share one C++ signature.
+  auto channel_backward = [](auto norm) {
+    return [norm](AnyArray dy, AnyArray x, AnyArray mean, AnyArray rstd, OptArray weight, AnyArray dx,
+                  OptArray dweight, OptArray dbias, bool flag, std::optional<std::string> layout, bool bf16) {
+      const auto dyr = to_ref(dy, "dy", bf16), xr = to_ref(x, "x", bf16), dxr = to_ref(dx, "dx", bf16);
+      const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+      const auto wr = to_ref(weight, "weight", bf16);
+      const auto dwr = to_ref(dweight, "dweight", bf16), dbr = to_ref(dbias, "dbias", bf16);
+      const auto lay = to_layout(layout);
+      KernelGilRelease release(xr.numel());
+      norm(dyr, xr, mr, rr, wr, dxr, dwr, dbr, flag, lay);
+    };
+  };
+  m.def("batch_norm_backward", channel_backward(&normkit::batch_norm_backward), "dy"_a, "x"_a, "mean"_a, "rstd"_a,
+        "weight"_a.none(), "dx"_a, "dweight"_a.none(), "dbias"_a.none(), "training"_a, "layout"_a.none(), "bf16"_a);
+  m.def("instance_norm_backward", channel_backward(&normkit::instance_norm_backward), "dy"_a, "x"_a, "mean"_a,
+        "rstd"_a, "weight"_a.none(), "dx"_a, "dweight"_a.none(), "dbias"_a.none(), "use_input_stats"_a,
+        "layout"_a.none(), "bf16"_a);
+  m.def(
+      "group_norm_backward",
+      [](AnyArray dy, AnyArray x, AnyArray mean, AnyArray rstd, int64_t num_groups, OptArray weight, AnyArray dx,
+         OptArray dweight, OptArray dbias, std::optional<std::string> layout, bool bf16) {
+        const auto dyr = to_ref(dy, "dy", bf16), xr = to_ref(x, "x", bf16), dxr = to_ref(dx, "dx", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto wr = to_ref(weight, "weight", bf16);
+        const auto dwr = to_ref(dweight, "dweight", bf16), dbr = to_ref(dbias, "dbias", bf16);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        normkit::group_norm_backward(dyr, xr, mr, rr, num_groups, wr, dxr, dwr, dbr, lay);
+      },
+      "dy"_a, "x"_a, "mean"_a, "rstd"_a, "num_groups"_a, "weight"_a.none(), "dx"_a, "dweight"_a.none(),
+      "dbias"_a.none(), "layout"_a.none(), "bf16"_a);
+  m.def(
+      "adaptive_instance_norm_backward",
+      [](AnyArray dy, AnyArray x, OptArray style, OptArray style_mean, OptArray style_std, double eps, AnyArray dx,
+         OptArray dstyle, OptArray dstyle_mean, OptArray dstyle_std, std::optional<std::string> layout, bool bf16) {
+        const auto dyr = to_ref(dy, "dy", bf16), xr = to_ref(x, "x", bf16), dxr = to_ref(dx, "dx", bf16);
+        const auto sr = to_ref(style, "style", bf16), dsr = to_ref(dstyle, "dstyle", bf16);
+        const auto smr = to_ref(style_mean, "style", bf16), ssr = to_ref(style_std, "style", bf16);
+        const auto dsmr = to_ref(dstyle_mean, "dstyle", bf16), dssr = to_ref(dstyle_std, "dstyle", bf16);
+        const auto lay = to_layout(layout);
+        KernelGilRelease release(xr.numel());
+        if (sr.given) normkit::adaptive_instance_norm_backward(dyr, xr, sr, eps, dxr, dsr, lay);
+        else normkit::adaptive_instance_norm_backward(dyr, xr, smr, ssr, eps, dxr, dsmr, dssr, lay);
+      },
+      "dy"_a, "x"_a, "style"_a.none(), "style_mean"_a.none(), "style_std"_a.none(), "eps"_a, "dx"_a,
+      "dstyle"_a.none(), "dstyle_mean"_a.none(), "dstyle_std"_a.none(), "layout"_a.none(), "bf16"_a);
+
   m.def(
       "rows_viewable",
       [](AnyArray x, int normalized_ndim, bool bf16) {

@@ -61,13 +61,14 @@ bool same_memory(const TensorRef& a, const TensorRef& b) {
   return a.data == b.data && a.shape == b.shape && a.strides == b.strides && a.dtype == b.dtype;
 }
 
-void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name) {
+void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name, const char* x_name) {
   if (same_memory(x, y)) return;
   std::uintptr_t x0, x1, y0, y1;
   byte_span(x, x0, x1);
   byte_span(y, y0, y1);
   if (x0 < y1 && y0 < x1)
-    fail_value(std::string(y_name) + ": overlaps x without being x itself (in place needs y to be exactly x)");
+    fail_value(std::string(y_name) + ": overlaps " + x_name + " without being " + x_name + " itself (in place needs " +
+               y_name + " to be exactly " + x_name + ")");
 }
 
 }  // namespace normkit::core

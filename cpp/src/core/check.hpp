@@ -27,8 +27,9 @@ void check_param(const TensorRef& t, const char* argument, const Dims& shape, DT
 // An optional per-row statistics output: `count` contiguous elements of `dtype`.
 void check_stats_output(const TensorRef& t, const char* argument, std::int64_t count, DType dtype);
 
-// y must not overlap x unless it is exactly x (same address, same strides).
-void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name);
+// y must not overlap x unless it is exactly x (same address, same strides);
+// `x_name` names x in the message.
+void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name, const char* x_name = "x");
 
 // True when y is exactly x (in-place call).
 bool same_memory(const TensorRef& a, const TensorRef& b);

@@ -46,6 +46,11 @@ struct RowsForward {
   // y = ((x - center_hi) - center_lo) * scale + shift (exact when the data has a large mean).
   const void* center_hi = nullptr;
   const void* center_lo = nullptr;
+  // scale_shift only, optional: a gradient term, y += dy * dy_scale[p] (the
+  // apply step of the channel norms' backward). dy has x's dtype.
+  const void* dy = nullptr;
+  std::int64_t dy_row_stride = 0;
+  const void* dy_scale = nullptr;  // per segment entry, stats_dtype(dtype)
   void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (layer only)
   void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
   // For the core's merges (layer only), optional: per-row mean and biased
@@ -86,7 +91,74 @@ struct ColumnsApply {
   const void* shift = nullptr;
   const void* center_hi = nullptr;
   const void* center_lo = nullptr;
+  // Optional gradient term: y += dy * dy_scale (table like scale; dy like x).
+  const void* dy = nullptr;
+  const void* dy_scale = nullptr;
   bool streaming_stores = false;
+  int threads = 1;
+};
+
+// The "rows" pattern, backward: gradients of LayerNorm / RMSNorm (affine per
+// column) and of channels-first InstanceNorm / GroupNorm / AdaIN (affine per
+// segment), and BatchNorm's channels-first reduction (sums only).
+// Row r has statistics mean[r] (layer; none for rms) and rstd[r]; with
+// xc = x - mean[r] (x for rms) and g = dy * w:
+//   - pass 1 sums g, g * xc and xc over the row (per segment: dy, dy * xc);
+//   - the mean is refined to the exact mean of the row, mean[r] + sum(xc) / cols
+//     (layer), so a saved mean rounded to float32 costs no precision;
+//   - pass 2 (from cache) writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+//     (rms: without the mean(g) term), xhat = (x - exact mean) * rstd.
+// Weight gradients:
+//   - per column (segments == 0): rows are taken in blocks of block_rows;
+//     block k adds dy * xhat and dy into partial_dweight / partial_dbias
+//     [k * cols + c] (accumulation type, both or neither); the core merges the
+//     blocks in order. Threads take whole blocks, so the result does not depend
+//     on the thread count.
+//   - per segment (segments > 0, required then): segment_sum_dy[r * segments + j]
+//     = sum of dy over run j, segment_sum_dy_xc = sum of dy * (x - mean[r]),
+//     row_sum_xc[r] = sum of (x - mean[r]), in double, relative to mean[r]
+//     as given (the core refines with row_sum_xc).
+// dx null: pass 1 only (the per-segment sums).
+struct RowsBackward {
+  RowsNorm norm = RowsNorm::layer;  // layer or rms
+  DType dtype = DType::float32;     // of x, dy and dx
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;  // > 0
+  const void* x = nullptr;
+  std::int64_t x_row_stride = 0;
+  const void* dy = nullptr;
+  std::int64_t dy_row_stride = 0;
+  void* dx = nullptr;
+  std::int64_t dx_row_stride = 0;
+  std::int64_t segments = 0;      // 0: affine per column
+  std::int64_t param_period = 1;  // run j of row r uses weight (r % param_period) * segments + j
+  const void* weight = nullptr;   // stats_dtype(dtype), per column or segment entry; null: ones
+  const void* mean = nullptr;     // per row, stats_dtype(dtype) (layer)
+  const void* rstd = nullptr;     // per row, stats_dtype(dtype)
+  std::int64_t block_rows = 1;
+  void* partial_dweight = nullptr;  // stats_dtype(dtype), [blocks * cols]
+  void* partial_dbias = nullptr;
+  double* segment_sum_dy = nullptr;
+  double* segment_sum_dy_xc = nullptr;
+  double* row_sum_xc = nullptr;
+  bool streaming_stores = false;
+  int threads = 1;
+};
+
+// The "columns" pattern, backward sums: per (batch, block of block_rows rows,
+// column), with center per (batch, column) (table_stride entries per batch,
+// stats_dtype; null: 0): sums of dy, dy * (x - center) and (x - center), in
+// double, into partial_*[(b * blocks + k) * cols + c]. The core merges blocks in order.
+struct ColumnsGradSums {
+  DType dtype = DType::float32;
+  std::int64_t batches = 0, rows = 0, cols = 0, block_rows = 1;
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  const void* center = nullptr;
+  std::int64_t table_stride = 0;
+  double* partial_dy = nullptr;
+  double* partial_dy_xc = nullptr;
+  double* partial_xc = nullptr;
   int threads = 1;
 };
 
@@ -97,6 +169,8 @@ struct IsaKernels {
   void (*rows_forward)(const RowsForward& problem);
   void (*columns_stats)(const ColumnsStats& problem);
   void (*columns_apply)(const ColumnsApply& problem);
+  void (*rows_backward)(const RowsBackward& problem);
+  void (*columns_grad_sums)(const ColumnsGradSums& problem);
 };
 
 namespace scalar { extern const IsaKernels kTable; }

@@ -1,43 +1,496 @@
 // norms/backward_norms.cpp - gradients of every norm (normkit/norms.hpp).
-// (Being written: every entry point throws until its kernels land.)
+//
+// With xhat = (x - mean) * rstd over the elements a statistic covers (M of
+// them) and g = dy * weight, every norm's input gradient is
+//     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+// (RMSNorm: no mean(g) term; inference BatchNorm / InstanceNorm with running
+// statistics: dx = g * rstd), and dweight = sum(dy * xhat), dbias = sum(dy).
+//
+//   LayerNorm / RMSNorm, and channels-first InstanceNorm / GroupNorm / AdaIN:
+//     the fused rows kernel, one read of each row from memory.
+//   BatchNorm, and channels-last InstanceNorm / GroupNorm / AdaIN: gradient
+//     sums per (sample,) channel, then one apply pass
+//     dx = dy * dy_scale + (x - exact mean) * scale + shift.
+// Saved means may have been rounded to float32: the sums also give the exact
+// mean of x (mean + sum(x - mean) / M), and dx uses that.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
 #include "core/check.hpp"
+#include "kernels/kernel_api.hpp"
 #include "normkit/norms.hpp"
+#include "plan/channel_plan.hpp"
+#include "plan/rows_plan.hpp"
+#include "runtime/dispatch.hpp"
+#include "runtime/threads.hpp"
 
 namespace normkit {
 
 namespace {
-[[noreturn]] void pending(const char* name) { core::fail_value(std::string(name) + ": not implemented yet"); }
+
+using plan::ChannelGeometry;
+
+bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
+
+// Values of the accumulation type (stats_dtype) the kernels read.
+struct AccValues {
+  std::vector<float> f;
+  std::vector<double> d;
+  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
+};
+
+// A parameter as the kernels take it: `t` itself when it already has the
+// accumulation type, else a converted copy held in `storage`.
+const void* acc_params(const TensorRef& t, DType x_dtype, AccValues& storage) {
+  if (!t.given) return nullptr;
+  if (t.dtype == stats_dtype(x_dtype)) return t.data;
+  const std::int64_t n = t.numel();
+  for (std::int64_t i = 0; i < n; ++i) storage.f.push_back(static_cast<float>(plan::read_element(t, i)));
+  return storage.f.data();
+}
+
+std::vector<double> read_all(const TensorRef& t) {
+  std::vector<double> v(t.numel());
+  for (std::int64_t i = 0; i < t.numel(); ++i) v[i] = plan::read_element(t, i);
+  return v;
+}
+
+void write_all(const TensorRef& t, const std::vector<double>& v) {
+  if (!t.given) return;
+  for (std::int64_t i = 0; i < t.numel(); ++i) plan::write_element(t, i, v[i]);
+}
+
+void write_zeros(const TensorRef& t) {
+  if (t.given) write_all(t, std::vector<double>(t.numel(), 0.0));
+}
+
+// dy: x's shape and dtype; dx: likewise, not overlapping dy or x unless it is one of them.
+void check_dy_dx_rows(const TensorRef& dy, const TensorRef& x, const TensorRef& dx) {
+  core::check_given(dy, "dy");
+  if (dy.shape != x.shape)
+    core::fail_value("dy: expected the shape of x " + x.shape.to_string() + ", got " + dy.shape.to_string());
+  if (dy.dtype != x.dtype)
+    core::fail_type("dy: expected dtype " + std::string(to_string(x.dtype)) + " like x, got " +
+                    to_string(dy.dtype));
+  if (!core::same_memory(dy, dx)) core::check_no_partial_overlap(dy, dx, "dx", "dy");
+}
+
+// ---- rows norms ---------------------------------------------------------------
+
+void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
+                   const TensorRef& rstd, const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
+                   const TensorRef& dweight, const TensorRef& dbias) {
+  // The forward's planner validates x, dx (as its y), normalized_shape, weight
+  // and the statistics' counts and dtype, and gives the row geometry.
+  const kernels::RowsForward f = plan::plan_rows_forward(norm, x, dx, normalized_shape, weight, TensorRef{}, 1.0,
+                                                         norm == kernels::RowsNorm::layer ? mean : TensorRef{},
+                                                         rstd, "dx");
+  core::check_given(rstd, "rstd");
+  if (norm == kernels::RowsNorm::layer) core::check_given(mean, "mean");
+  check_dy_dx_rows(dy, x, dx);
+  plan::RowsView dyv;
+  if (!plan::as_rows(dy, normalized_shape.size(), dyv))
+    core::fail_value("dy: the normalized dims must be contiguous and the leading dims must collapse to one stride; "
+                     "pass a contiguous copy");
+  const DType param_dtype = weight.given ? weight.dtype : (is_16bit(x.dtype) ? DType::float32 : x.dtype);
+  for (const auto* out : {&dweight, &dbias}) {
+    if (!out->given) continue;
+    const char* name = out == &dweight ? "dweight" : "dbias";
+    const DType want = (!weight.given && is_16bit(x.dtype) && out->dtype == x.dtype) ? x.dtype : param_dtype;
+    core::check_param(*out, name, normalized_shape, want);
+  }
+  if (dweight.given && dbias.given) core::check_no_partial_overlap(dweight, dbias, "dbias", "dweight");
+
+  const std::int64_t rows = f.rows, cols = f.cols;
+  if (rows == 0 || cols == 0) {
+    write_zeros(dweight);
+    write_zeros(dbias);
+    return;
+  }
+  AccValues weight_acc;
+  kernels::RowsBackward p;
+  p.norm = norm;
+  p.dtype = x.dtype;
+  p.rows = rows;
+  p.cols = cols;
+  p.x = x.data;
+  p.x_row_stride = f.x_row_stride;
+  p.dy = dy.data;
+  p.dy_row_stride = dyv.row_stride;
+  p.dx = dx.data;
+  p.dx_row_stride = f.y_row_stride;
+  p.weight = acc_params(weight, x.dtype, weight_acc);
+  p.mean = norm == kernels::RowsNorm::layer ? mean.data : nullptr;
+  p.rstd = rstd.data;
+  // Blocks fixed by the shape alone (at most 64): the weight gradients do
+  // not depend on the thread count.
+  p.block_rows = std::max<std::int64_t>(1, (rows + 63) / 64);
+  const std::int64_t blocks = (rows + p.block_rows - 1) / p.block_rows;
+  const bool want_params = dweight.given || dbias.given;
+  std::vector<float> part_f;
+  std::vector<double> part_d;
+  if (want_params) {
+    const std::size_t count = static_cast<std::size_t>(2 * blocks * cols);
+    if (x.dtype == DType::float64) {
+      part_d.resize(count);
+      p.partial_dweight = part_d.data();
+      p.partial_dbias = part_d.data() + blocks * cols;
+    } else {
+      part_f.resize(count);
+      p.partial_dweight = part_f.data();
+      p.partial_dbias = part_f.data() + blocks * cols;
+    }
+  }
+  p.streaming_stores = f.streaming_stores && !core::same_memory(dy, dx);
+  p.threads = runtime::threads_for(3 * rows * cols * element_size(x.dtype));
+  runtime::active_kernels().rows_backward(p);
+  if (!want_params) return;
+
+  // Merge the block partials in block order, in double.
+  auto partial = [&](int which, std::int64_t k, std::int64_t c) -> double {
+    const std::int64_t i = (which * blocks + k) * cols + c;
+    return x.dtype == DType::float64 ? part_d[i] : double(part_f[i]);
+  };
+  std::vector<double> dw(cols, 0.0), db(cols, 0.0);
+  for (std::int64_t k = 0; k < blocks; ++k)
+    for (std::int64_t c = 0; c < cols; ++c) {
+      dw[c] += partial(0, k, c);
+      db[c] += partial(1, k, c);
+    }
+  write_all(dweight, dw);
+  write_all(dbias, db);
+}
+
+// ---- channel norms ---------------------------------------------------------------
+
+// Validates what every channel-norm backward shares and returns x's geometry.
+ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                       std::optional<Layout> layout, const TensorRef& weight,
+                                       const TensorRef& dweight, const TensorRef& dbias) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  core::check_given(dy, "dy");
+  plan::check_output_like(x, dy, "dy");
+  plan::check_output_like(x, dx, "dx");
+  if (!core::same_memory(dy, dx)) core::check_no_partial_overlap(dy, dx, "dx", "dy");
+  plan::check_channel_param(weight, "weight", g.c, x.dtype);
+  plan::check_channel_param(dweight, "dweight", g.c, x.dtype);
+  plan::check_channel_param(dbias, "dbias", g.c, x.dtype);
+  return g;
+}
+
+void check_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype) {
+  core::check_stats_output(mean, "mean", count, stats_dtype(x_dtype));
+  core::check_stats_output(rstd, "rstd", count, stats_dtype(x_dtype));
+}
+
+double weight_at(const TensorRef& weight, std::int64_t c) {
+  return weight.given ? plan::read_element(weight, c) : 1.0;
+}
+
+// Gradient of a norm with statistics per (sample, group) and an affine weight
+// per (sample, channel) `w_nc` (GroupNorm, InstanceNorm, AdaIN). Writes dx;
+// returns per (sample, channel) sums of dy and of dy * xhat.
+struct AffineGrads {
+  std::vector<double> sum_dy, sum_dy_xhat;
+};
+
+AffineGrads per_sample_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                const ChannelGeometry& g, std::int64_t groups, const std::vector<double>& mean_ng,
+                                const std::vector<double>& rstd_ng, const std::vector<double>& w_nc) {
+  const std::int64_t per_group = g.c / groups;
+  AffineGrads out;
+  out.sum_dy.assign(g.n * g.c, 0.0);
+  out.sum_dy_xhat.assign(g.n * g.c, 0.0);
+  if (x.numel() == 0) return out;
+
+  if (!g.channels_last) {
+    // Fused rows: one row per (sample, group), one run per channel.
+    const std::int64_t rows = g.n * groups, cols = per_group * g.s;
+    AccValues mean_t, rstd_t, w_t;
+    auto acc = [&](const std::vector<double>& v, AccValues& t) {
+      if (x.dtype == DType::float64) t.d = v;
+      else t.f.assign(v.begin(), v.end());
+      return t.data();
+    };
+    std::vector<double> seg_dy(rows * per_group), seg_dy_xc(rows * per_group), row_xc(rows);
+    kernels::RowsBackward p;
+    p.norm = kernels::RowsNorm::layer;
+    p.dtype = x.dtype;
+    p.rows = rows;
+    p.cols = cols;
+    p.x = x.data;
+    p.x_row_stride = cols;
+    p.dy = dy.data;
+    p.dy_row_stride = cols;
+    p.dx = dx.data;
+    p.dx_row_stride = cols;
+    p.segments = per_group;
+    p.param_period = rows;  // w_nc holds an entry per (sample, channel)
+    p.weight = acc(w_nc, w_t);
+    p.mean = acc(mean_ng, mean_t);
+    p.rstd = acc(rstd_ng, rstd_t);
+    p.segment_sum_dy = seg_dy.data();
+    p.segment_sum_dy_xc = seg_dy_xc.data();
+    p.row_sum_xc = row_xc.data();
+    const std::int64_t bytes = x.numel() * element_size(x.dtype);
+    p.streaming_stores = !core::same_memory(x, dx) && !core::same_memory(dy, dx) &&
+                         runtime::use_streaming_stores(bytes);
+    p.threads = runtime::threads_for(3 * bytes);
+    runtime::active_kernels().rows_backward(p);
+    // The kernel summed relative to the mean it read (rounded to the stats
+    // dtype); row_xc moves the sums to the row's exact mean.
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double delta = row_xc[r] / double(cols);
+      const double rs = x.dtype == DType::float64 ? rstd_ng[r] : double(float(rstd_ng[r]));
+      for (std::int64_t j = 0; j < per_group; ++j) {
+        const std::int64_t e = r * per_group + j;  // = n * C + c
+        out.sum_dy[e] = seg_dy[e];
+        out.sum_dy_xhat[e] = rs * (seg_dy_xc[e] - delta * seg_dy[e]);
+      }
+    }
+    return out;
+  }
+
+  // Channels-last: sums per (sample, channel), then one apply pass.
+  std::vector<double> center(g.n * g.c);
+  for (std::int64_t n = 0; n < g.n; ++n)
+    for (std::int64_t c = 0; c < g.c; ++c) center[n * g.c + c] = mean_ng[n * groups + c / per_group];
+  const plan::GradSums sums = plan::channel_grad_sums(x, dy, g, /*per_sample=*/true, center);
+  const double count = double(per_group * g.s);
+  std::vector<double> dy_scale(g.n * g.c), scale(g.n * g.c), shift(g.n * g.c);
+  for (std::int64_t n = 0; n < g.n; ++n)
+    for (std::int64_t grp = 0; grp < groups; ++grp) {
+      const std::int64_t first = n * g.c + grp * per_group;
+      const double rs = rstd_ng[n * groups + grp];
+      double xc = 0;
+      for (std::int64_t j = 0; j < per_group; ++j) xc += sums.xc[first + j];
+      const double delta = xc / count;
+      double sum_g = 0, sum_g_xhat = 0;
+      for (std::int64_t j = 0; j < per_group; ++j) {
+        const std::int64_t e = first + j;
+        out.sum_dy[e] = sums.dy[e];
+        out.sum_dy_xhat[e] = rs * (sums.dy_xc[e] - delta * sums.dy[e]);
+        sum_g += w_nc[e] * out.sum_dy[e];
+        sum_g_xhat += w_nc[e] * out.sum_dy_xhat[e];
+      }
+      for (std::int64_t j = 0; j < per_group; ++j) {
+        const std::int64_t e = first + j;
+        center[e] += delta;
+        dy_scale[e] = w_nc[e] * rs;
+        scale[e] = -rs * rs * (sum_g_xhat / count);
+        shift[e] = -rs * (sum_g / count);
+      }
+    }
+  plan::channel_apply(x, dx, g, /*per_sample=*/true, scale, shift, &center, 0, dy, &dy_scale);
+  return out;
+}
+
+// Gradient with known, constant statistics (running statistics): dx = dy * w * rstd
+// per (sample,) channel; returns the sums for dweight / dbias (only if wanted).
+plan::GradSums constant_stats_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                       const ChannelGeometry& g, bool per_sample, const std::vector<double>& mean,
+                                       const std::vector<double>& dx_scale, bool want_sums) {
+  plan::channel_apply(dy, dx, g, per_sample, dx_scale, std::vector<double>(dx_scale.size(), 0.0), nullptr);
+  if (!want_sums) return {};
+  return plan::channel_grad_sums(x, dy, g, per_sample, mean);
+}
+
 }  // namespace
 
-void layer_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&, const Dims&,
-                         const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&) {
-  pending("layer_norm_backward");
+void layer_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
+                         const TensorRef& dweight, const TensorRef& dbias) {
+  rows_backward(kernels::RowsNorm::layer, dy, x, mean, rstd, normalized_shape, weight, dx, dweight, dbias);
 }
-void rms_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const Dims&, const TensorRef&,
-                       const TensorRef&, const TensorRef&) {
-  pending("rms_norm_backward");
+
+void rms_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& rstd, const Dims& normalized_shape,
+                       const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight) {
+  rows_backward(kernels::RowsNorm::rms, dy, x, TensorRef{}, rstd, normalized_shape, weight, dx, dweight,
+                TensorRef{});
 }
-void batch_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&,
-                         const TensorRef&, const TensorRef&, const TensorRef&, bool, std::optional<Layout>) {
-  pending("batch_norm_backward");
+
+void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
+                         const TensorRef& dbias, bool training, std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
+  check_stats(mean, rstd, g.c, x.dtype);
+  if (x.numel() == 0) {
+    write_zeros(dweight);
+    write_zeros(dbias);
+    return;
+  }
+  const std::vector<double> mean_c = read_all(mean), rstd_c = read_all(rstd);
+  std::vector<double> dw(g.c), db(g.c);
+  if (!training) {
+    std::vector<double> dx_scale(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) dx_scale[c] = weight_at(weight, c) * rstd_c[c];
+    const plan::GradSums s =
+        constant_stats_backward(dy, x, dx, g, false, mean_c, dx_scale, dweight.given || dbias.given);
+    if (dweight.given || dbias.given)
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        dw[c] = rstd_c[c] * s.dy_xc[c];
+        db[c] = s.dy[c];
+      }
+  } else {
+    // Sums first (dx may overwrite x or dy), then the apply pass.
+    const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, mean_c);
+    const double count = double(s.count);
+    std::vector<double> center(g.c), dy_scale(g.c), scale(g.c), shift(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) {
+      const double delta = s.xc[c] / count;
+      const double w = weight_at(weight, c), rs = rstd_c[c];
+      db[c] = s.dy[c];
+      dw[c] = rs * (s.dy_xc[c] - delta * s.dy[c]);
+      center[c] = mean_c[c] + delta;
+      dy_scale[c] = w * rs;
+      scale[c] = -w * rs * rs * (dw[c] / count);
+      shift[c] = -w * rs * (db[c] / count);
+    }
+    plan::channel_apply(x, dx, g, /*per_sample=*/false, scale, shift, &center, 0, dy, &dy_scale);
+  }
+  write_all(dweight, dw);
+  write_all(dbias, db);
 }
-void instance_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&,
-                            const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&, bool,
-                            std::optional<Layout>) {
-  pending("instance_norm_backward");
+
+void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                            const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
+                            const TensorRef& dbias, bool use_input_stats, std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
+  check_stats(mean, rstd, g.n * g.c, x.dtype);
+  if (x.numel() == 0) {
+    write_zeros(dweight);
+    write_zeros(dbias);
+    return;
+  }
+  const std::vector<double> mean_nc = read_all(mean), rstd_nc = read_all(rstd);
+  std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
+  if (use_input_stats) {
+    const AffineGrads a = per_sample_backward(dy, x, dx, g, g.c, mean_nc, rstd_nc, w_nc);
+    for (std::int64_t i = 0; i < g.n * g.c; ++i) {  // samples merged in order
+      dw[i % g.c] += a.sum_dy_xhat[i];
+      db[i % g.c] += a.sum_dy[i];
+    }
+  } else {
+    std::vector<double> dx_scale(g.n * g.c);
+    for (std::int64_t i = 0; i < g.n * g.c; ++i) dx_scale[i] = w_nc[i] * rstd_nc[i];
+    const bool want = dweight.given || dbias.given;
+    const plan::GradSums s = constant_stats_backward(dy, x, dx, g, true, mean_nc, dx_scale, want);
+    if (want)
+      for (std::int64_t i = 0; i < g.n * g.c; ++i) {
+        dw[i % g.c] += rstd_nc[i] * s.dy_xc[i];
+        db[i % g.c] += s.dy[i];
+      }
+  }
+  write_all(dweight, dw);
+  write_all(dbias, db);
 }
-void group_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&, std::int64_t,
-                         const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&,
-                         std::optional<Layout>) {
-  pending("group_norm_backward");
+
+void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         std::int64_t num_groups, const TensorRef& weight, const TensorRef& dx,
+                         const TensorRef& dweight, const TensorRef& dbias, std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
+  if (num_groups <= 0 || g.c % num_groups != 0)
+    core::fail_value("num_groups: must be a positive divisor of the number of channels C=" + std::to_string(g.c) +
+                     ", got " + std::to_string(num_groups));
+  check_stats(mean, rstd, g.n * num_groups, x.dtype);
+  if (x.numel() == 0) {
+    write_zeros(dweight);
+    write_zeros(dbias);
+    return;
+  }
+  std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
+  const AffineGrads a = per_sample_backward(dy, x, dx, g, num_groups, read_all(mean), read_all(rstd), w_nc);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) {
+    dw[i % g.c] += a.sum_dy_xhat[i];
+    db[i % g.c] += a.sum_dy[i];
+  }
+  write_all(dweight, dw);
+  write_all(dbias, db);
 }
-void adaptive_instance_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, double,
-                                     const TensorRef&, const TensorRef&, std::optional<Layout>) {
-  pending("adaptive_instance_norm_backward");
+
+namespace {
+
+// AdaIN's content side: x's statistics recomputed, weight = style std per
+// (sample, channel). Returns dstyle_mean (sum dy) and dstyle_std (sum dy * xhat).
+AffineGrads adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
+                           const std::vector<double>& style_std, double eps) {
+  const plan::Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
+  std::vector<double> rstd(m.var.size());
+  for (std::size_t i = 0; i < rstd.size(); ++i) rstd[i] = 1.0 / std::sqrt(m.var[i] + eps);
+  return per_sample_backward(dy, x, dx, g, g.c, m.mean, rstd, style_std);
 }
-void adaptive_instance_norm_backward(const TensorRef&, const TensorRef&, const TensorRef&, const TensorRef&, double,
-                                     const TensorRef&, const TensorRef&, const TensorRef&, std::optional<Layout>) {
-  pending("adaptive_instance_norm_backward");
+
+ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, double eps,
+                                     std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, TensorRef{}, TensorRef{}, TensorRef{});
+  core::check_eps(eps);
+  if (x.numel() > 0 && g.s <= 1)
+    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
+  return g;
+}
+
+}  // namespace
+
+void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
+                                     const TensorRef& dx, const TensorRef& dstyle, std::optional<Layout> layout) {
+  const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
+  core::check_given(style, "style");
+  if (style.shape.size() != x.shape.size())
+    core::fail_value("style: expected a feature map of rank " + std::to_string(x.shape.size()) +
+                     " like x (layout " + to_string(g.layout) + "), got shape " + style.shape.to_string());
+  const ChannelGeometry gs = plan::channel_geometry(style, g.layout, "style");
+  if (gs.n != g.n || gs.c != g.c)
+    core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
+                     " like x, got shape " + style.shape.to_string());
+  if (style.dtype != x.dtype)
+    core::fail_type("style: expected dtype " + std::string(to_string(x.dtype)) + " like x, got " +
+                    to_string(style.dtype));
+  if (dstyle.given) {
+    plan::check_output_like(style, dstyle, "dstyle");
+    core::check_no_partial_overlap(dx, dstyle, "dstyle", "dx");
+  }
+  if (x.numel() == 0 || style.numel() == 0) {
+    write_zeros(dstyle);
+    return;
+  }
+  const plan::Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
+  std::vector<double> style_std(ms.var.size());
+  for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
+  const AffineGrads a = adain_backward(dy, x, dx, g, style_std, eps);
+  if (!dstyle.given) return;
+  // style_mean = mean(style), style_std = sqrt(var(style) + eps):
+  // dstyle = dmean / S + dstd * (style - mean) / (S * std).
+  const double count = double(gs.s);
+  std::vector<double> scale(g.n * g.c), shift(g.n * g.c);
+  for (std::int64_t i = 0; i < g.n * g.c; ++i) {
+    scale[i] = a.sum_dy_xhat[i] / (count * style_std[i]);
+    shift[i] = a.sum_dy[i] / count;
+  }
+  plan::channel_apply(style, dstyle, gs, /*per_sample=*/true, scale, shift, &ms.mean);
+}
+
+void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style_mean,
+                                     const TensorRef& style_std, double eps, const TensorRef& dx,
+                                     const TensorRef& dstyle_mean, const TensorRef& dstyle_std,
+                                     std::optional<Layout> layout) {
+  const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
+  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
+  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
+  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  if (dstyle_mean.given) core::check_param(dstyle_mean, "dstyle_mean", Dims{g.n, g.c}, pd);
+  if (dstyle_std.given) core::check_param(dstyle_std, "dstyle_std", Dims{g.n, g.c}, pd);
+  if (x.numel() == 0) {
+    write_zeros(dstyle_mean);
+    write_zeros(dstyle_std);
+    return;
+  }
+  const AffineGrads a = adain_backward(dy, x, dx, g, read_all(style_std), eps);
+  write_all(dstyle_mean, a.sum_dy);
+  write_all(dstyle_std, a.sum_dy_xhat);
 }
 
 }  // namespace normkit

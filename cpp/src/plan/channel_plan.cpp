@@ -240,7 +240,8 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
-                   const std::vector<double>* center, std::int64_t whole_output_bytes) {
+                   const std::vector<double>* center, std::int64_t whole_output_bytes, const TensorRef& dy,
+                   const std::vector<double>* dy_scale) {
   if (x.numel() == 0) return;
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
@@ -268,8 +269,11 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     hi_t = table(hi);
     lo_t = table(lo);
   }
-  const bool stream =
-      !core::same_memory(x, y) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
+  AccTable dy_scale_t;
+  if (dy_scale) dy_scale_t = table(*dy_scale);
+  const void* dy_data = dy.given ? dy.data : nullptr;
+  const bool stream = !core::same_memory(x, y) && !(dy.given && core::same_memory(dy, y)) &&
+                      runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
   const int threads = runtime::threads_for(2 * bytes);
   if (!g.channels_last) {
     kernels::RowsForward p;
@@ -288,6 +292,9 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.bias = shift_t.data();
     p.center_hi = center ? hi_t.data() : nullptr;
     p.center_lo = center ? lo_t.data() : nullptr;
+    p.dy = dy_data;
+    p.dy_row_stride = g.s;
+    p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.rows_forward(p);
@@ -304,10 +311,94 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.shift = shift_t.data();
     p.center_hi = center ? hi_t.data() : nullptr;
     p.center_lo = center ? lo_t.data() : nullptr;
+    p.dy = dy_data;
+    p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.columns_apply(p);
   }
+}
+
+GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const ChannelGeometry& g, bool per_sample,
+                           const std::vector<double>& center) {
+  GradSums out;
+  const std::int64_t entries = per_sample ? g.n * g.c : g.c;
+  out.dy.assign(entries, 0);
+  out.dy_xc.assign(entries, 0);
+  out.xc.assign(entries, 0);
+  out.count = per_sample ? g.s : g.n * g.s;
+  if (x.numel() == 0) return out;
+  const auto& kernels = runtime::active_kernels();
+  const int threads = runtime::threads_for(2 * x.numel() * element_size(x.dtype));
+  // The kernels sum relative to the center rounded to the stats dtype; the
+  // sums are moved to the exact center at the end.
+  auto rounded = [&](double v) { return x.dtype == DType::float64 ? v : double(float(v)); };
+
+  if (!g.channels_last) {
+    // Rows of one (sample, channel) plane each, sums only.
+    const std::int64_t rows = g.n * g.c;
+    std::vector<double> row_center(rows);
+    for (std::int64_t r = 0; r < rows; ++r) row_center[r] = per_sample ? center[r] : center[r % g.c];
+    const AccTable center_t = to_acc_table(row_center, x.dtype);
+    AccTable ones = to_acc_table(std::vector<double>(rows, 1.0), x.dtype);
+    std::vector<double> sum_dy(rows), sum_dy_xc(rows), sum_xc(rows);
+    kernels::RowsBackward p;
+    p.norm = kernels::RowsNorm::layer;
+    p.dtype = x.dtype;
+    p.rows = rows;
+    p.cols = g.s;
+    p.x = x.data;
+    p.x_row_stride = g.s;
+    p.dy = dy.data;
+    p.dy_row_stride = g.s;
+    p.segments = 1;
+    p.mean = center_t.data();
+    p.rstd = ones.data();
+    p.segment_sum_dy = sum_dy.data();
+    p.segment_sum_dy_xc = sum_dy_xc.data();
+    p.row_sum_xc = sum_xc.data();
+    p.threads = threads;
+    kernels.rows_backward(p);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t e = per_sample ? r : r % g.c;  // merged over samples in order
+      const double shift = row_center[r] - rounded(row_center[r]);  // exact - rounded center
+      out.dy[e] += sum_dy[r];
+      out.dy_xc[e] += sum_dy_xc[r] - shift * sum_dy[r];
+      out.xc[e] += sum_xc[r] - shift * double(g.s);
+    }
+    return out;
+  }
+
+  kernels::ColumnsGradSums p;
+  p.dtype = x.dtype;
+  p.batches = per_sample ? g.n : 1;
+  p.rows = per_sample ? g.s : g.n * g.s;
+  p.cols = g.c;
+  p.block_rows = columns_block_rows(g.c, x.dtype) / 2;  // two inputs per block stay in L2
+  p.x = x.data;
+  p.dy = dy.data;
+  const AccTable center_t = to_acc_table(center, x.dtype);
+  p.center = center_t.data();
+  p.table_stride = g.c;
+  const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  std::vector<double> part_dy(p.batches * blocks * g.c), part_dy_xc(part_dy.size()), part_xc(part_dy.size());
+  p.partial_dy = part_dy.data();
+  p.partial_dy_xc = part_dy_xc.data();
+  p.partial_xc = part_xc.data();
+  p.threads = threads;
+  kernels.columns_grad_sums(p);
+  for (std::int64_t b = 0; b < p.batches; ++b)
+    for (std::int64_t k = 0; k < blocks; ++k) {
+      const double rows_k = double(std::min(p.block_rows, p.rows - k * p.block_rows));
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        const std::int64_t e = b * g.c + c, q = (b * blocks + k) * g.c + c;
+        const double shift = center[e] - rounded(center[e]);
+        out.dy[e] += part_dy[q];
+        out.dy_xc[e] += part_dy_xc[q] - shift * part_dy[q];
+        out.xc[e] += part_xc[q] - shift * rows_k;
+      }
+    }
+  return out;
 }
 
 }  // namespace normkit::plan

@@ -45,9 +45,21 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 // folded form y = x * scale + shift).
 // `whole_output_bytes`: when x/y are one slice of a larger output, that
 // output's size (the kind of store depends on it).
+// With `dy` (the backward's apply step): y += dy * dy_scale, dy_scale a table like scale.
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
-                   const std::vector<double>* center, std::int64_t whole_output_bytes = 0);
+                   const std::vector<double>* center, std::int64_t whole_output_bytes = 0,
+                   const TensorRef& dy = {}, const std::vector<double>* dy_scale = nullptr);
+
+// Gradient sums per (sample, channel) when per_sample (N*C entries), else per
+// channel over the batch (C entries), relative to `center` (a table of the same
+// size, exact in double): sums of dy, dy * (x - center) and (x - center).
+struct GradSums {
+  std::vector<double> dy, dy_xc, xc;
+  std::int64_t count = 0;  // elements summed per entry
+};
+GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const ChannelGeometry& g, bool per_sample,
+                           const std::vector<double>& center);
 
 // Channels-first per-sample norm in one fused pass per (sample, group) row:
 // statistics, then y = (x - mean) * rstd * weight[p] + bias[p], p per segment
