@@ -1,2 +1,293 @@
-// C++ tests of the backward functions (being written).
+// test_backward.cpp - the backward functions through normkit's public C++ API.
+//
+// Gradients of L = sum(dy * y) are checked against central finite differences
+// of the float64 forward (itself tested against a plain reference in
+// test_rows_norms.cpp / test_channel_norms.cpp), on every kernel path and in
+// both layouts; float32 against float64; determinism across thread counts;
+// errors naming the argument.
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "normkit/normkit.hpp"
+
+namespace nk = normkit;
+using std::int64_t;
+
+namespace {
+
+std::vector<double> random_vector(int64_t n, unsigned seed, double mean = 0.0, double scale = 1.0) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist(mean, scale);
+  std::vector<double> v(n);
+  for (auto& e : v) e = dist(gen);
+  return v;
+}
+
+nk::TensorView<double> view(std::vector<double>& v, nk::Dims shape) { return {v.data(), shape}; }
+
+// L(x, w, b) = sum(dy * forward(x, w, b)), and its finite-difference gradient
+// with respect to one input vector.
+using Forward = std::function<void(std::vector<double>& x, std::vector<double>& w, std::vector<double>& b,
+                                   std::vector<double>& y)>;
+
+double objective(const Forward& f, std::vector<double>& x, std::vector<double>& w, std::vector<double>& b,
+                 const std::vector<double>& dy) {
+  std::vector<double> y(x.size());
+  f(x, w, b, y);
+  double s = 0;
+  for (size_t i = 0; i < y.size(); ++i) s += dy[i] * y[i];
+  return s;
+}
+
+std::vector<double> finite_difference(const Forward& f, std::vector<double>& x, std::vector<double>& w,
+                                      std::vector<double>& b, const std::vector<double>& dy,
+                                      std::vector<double>& wrt) {
+  std::vector<double> grad(wrt.size());
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    const double keep = wrt[i], h = 1e-6 * std::max(1.0, std::fabs(keep));
+    wrt[i] = keep + h;
+    const double up = objective(f, x, w, b, dy);
+    wrt[i] = keep - h;
+    const double down = objective(f, x, w, b, dy);
+    wrt[i] = keep;
+    grad[i] = (up - down) / (2 * h);
+  }
+  return grad;
+}
+
+void expect_close(const std::vector<double>& got, const std::vector<double>& want, double tol, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (double v : want) scale = std::max(scale, std::fabs(v));
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], tol * std::max(scale, 1e-12)) << what << " at " << i;
+}
+
+class BackwardOnPath : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    const auto supported = nk::runtime_info().kernel_paths_supported;
+    if (std::find(supported.begin(), supported.end(), GetParam()) == supported.end())
+      GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+    nk::set_kernel_path(GetParam());
+  }
+};
+
+TEST_P(BackwardOnPath, LayerNormAndRmsNormMatchFiniteDifferences) {
+  const int64_t rows = 5, cols = 19;
+  auto x = random_vector(rows * cols, 1, 0.5, 2.0), w = random_vector(cols, 2), b = random_vector(cols, 3);
+  const auto dy = random_vector(rows * cols, 4);
+  for (bool rms : {false, true}) {
+    Forward f = [&](auto& xv, auto& wv, auto& bv, auto& yv) {
+      if (rms) nk::rms_norm(view(xv, {rows, cols}), view(yv, {rows, cols}), {cols}, view(wv, {cols}), 1e-5);
+      else nk::layer_norm(view(xv, {rows, cols}), view(yv, {rows, cols}), {cols}, view(wv, {cols}), view(bv, {cols}));
+    };
+    std::vector<double> y(x.size()), mean(rows), rstd(rows), dx(x.size()), dw(cols), db(cols);
+    auto dyc = dy;
+    if (rms) {
+      nk::rms_norm(view(x, {rows, cols}), view(y, {rows, cols}), {cols}, view(w, {cols}), 1e-5, view(rstd, {rows}));
+      nk::rms_norm_backward(view(dyc, {rows, cols}), view(x, {rows, cols}), view(rstd, {rows}), {cols},
+                            view(w, {cols}), view(dx, {rows, cols}), view(dw, {cols}));
+    } else {
+      nk::layer_norm(view(x, {rows, cols}), view(y, {rows, cols}), {cols}, view(w, {cols}), view(b, {cols}), 1e-5,
+                     view(mean, {rows}), view(rstd, {rows}));
+      nk::layer_norm_backward(view(dyc, {rows, cols}), view(x, {rows, cols}), view(mean, {rows}), view(rstd, {rows}),
+                              {cols}, view(w, {cols}), view(dx, {rows, cols}), view(dw, {cols}), view(db, {cols}));
+      expect_close(db, finite_difference(f, x, w, b, dy, b), 1e-6, "layer_norm dbias");
+    }
+    expect_close(dx, finite_difference(f, x, w, b, dy, x), 1e-6, rms ? "rms_norm dx" : "layer_norm dx");
+    expect_close(dw, finite_difference(f, x, w, b, dy, w), 1e-6, rms ? "rms_norm dweight" : "layer_norm dweight");
+  }
+}
+
+// The channel norms on (N, C, S) data, channels-first and channels-last.
+TEST_P(BackwardOnPath, ChannelNormsMatchFiniteDifferences) {
+  const int64_t n = 3, c = 4, h = 3, wd = 5;
+  for (nk::Layout layout : {nk::Layout::NCHW, nk::Layout::NHWC}) {
+    const bool last = layout == nk::Layout::NHWC;
+    const nk::Dims shape = last ? nk::Dims{n, h, wd, c} : nk::Dims{n, c, h, wd};
+    auto x = random_vector(n * c * h * wd, 5, 1.0, 3.0), w = random_vector(c, 6), b = random_vector(c, 7);
+    const auto dy = random_vector(x.size(), 8);
+    for (int norm = 0; norm < 4; ++norm) {  // batch (training), batch (eval), instance, group
+      SCOPED_TRACE("layout " + std::string(nk::to_string(layout)) + ", norm " + std::to_string(norm));
+      std::vector<double> rm = random_vector(c, 9), rv = random_vector(c, 10);
+      for (auto& v : rv) v = 0.5 + std::fabs(v);
+      Forward f = [&](auto& xv, auto& wv, auto& bv, auto& yv) {
+        std::vector<double> rmc = rm, rvc = rv;
+        if (norm <= 1)
+          nk::batch_norm(view(xv, shape), view(yv, shape), view(rmc, {c}), view(rvc, {c}), view(wv, {c}),
+                         view(bv, {c}), norm == 0, 0.1, 1e-5, layout);
+        else if (norm == 2)
+          nk::instance_norm(view(xv, shape), view(yv, shape), {}, {}, view(wv, {c}), view(bv, {c}), true, 0.1, 1e-5,
+                            layout);
+        else
+          nk::group_norm(view(xv, shape), view(yv, shape), 2, view(wv, {c}), view(bv, {c}), 1e-5, layout);
+      };
+      const int64_t stats = norm <= 1 ? c : (norm == 2 ? n * c : n * 2);
+      std::vector<double> y(x.size()), mean(stats), rstd(stats), dx(x.size()), dw(c), db(c), rmc = rm, rvc = rv;
+      auto dyc = dy;
+      if (norm <= 1) {
+        nk::batch_norm(view(x, shape), view(y, shape), view(rmc, {c}), view(rvc, {c}), view(w, {c}), view(b, {c}),
+                       norm == 0, 0.1, 1e-5, layout, view(mean, {c}), view(rstd, {c}));
+        nk::batch_norm_backward(view(dyc, shape), view(x, shape), view(mean, {c}), view(rstd, {c}), view(w, {c}),
+                                view(dx, shape), view(dw, {c}), view(db, {c}), norm == 0, layout);
+      } else if (norm == 2) {
+        nk::instance_norm(view(x, shape), view(y, shape), {}, {}, view(w, {c}), view(b, {c}), true, 0.1, 1e-5, layout,
+                          view(mean, {n, c}), view(rstd, {n, c}));
+        nk::instance_norm_backward(view(dyc, shape), view(x, shape), view(mean, {n, c}), view(rstd, {n, c}),
+                                   view(w, {c}), view(dx, shape), view(dw, {c}), view(db, {c}), true, layout);
+      } else {
+        nk::group_norm(view(x, shape), view(y, shape), 2, view(w, {c}), view(b, {c}), 1e-5, layout,
+                       view(mean, {n, 2}), view(rstd, {n, 2}));
+        nk::group_norm_backward(view(dyc, shape), view(x, shape), view(mean, {n, 2}), view(rstd, {n, 2}), 2,
+                                view(w, {c}), view(dx, shape), view(dw, {c}), view(db, {c}), layout);
+      }
+      expect_close(dx, finite_difference(f, x, w, b, dy, x), 1e-6, "dx");
+      expect_close(dw, finite_difference(f, x, w, b, dy, w), 1e-6, "dweight");
+      expect_close(db, finite_difference(f, x, w, b, dy, b), 1e-6, "dbias");
+    }
+  }
+}
+
+TEST_P(BackwardOnPath, AdaptiveInstanceNormMatchesFiniteDifferences) {
+  const int64_t n = 2, c = 3, s = 6, ss = 4;
+  for (nk::Layout layout : {nk::Layout::NCL, nk::Layout::NLC}) {
+    const bool last = layout == nk::Layout::NLC;
+    const nk::Dims shape = last ? nk::Dims{n, s, c} : nk::Dims{n, c, s};
+    const nk::Dims style_shape = last ? nk::Dims{n, ss, c} : nk::Dims{n, c, ss};
+    auto x = random_vector(n * c * s, 11, 0.5, 2.0), style = random_vector(n * c * ss, 12, -1.0, 3.0);
+    const auto dy = random_vector(x.size(), 13);
+    std::vector<double> unused;
+    Forward f = [&](auto& xv, auto& stv, auto&, auto& yv) {
+      nk::adaptive_instance_norm(view(xv, shape), view(yv, shape), view(stv, style_shape), 1e-5, layout);
+    };
+    std::vector<double> dx(x.size()), dstyle(style.size());
+    auto dyc = dy;
+    nk::adaptive_instance_norm_backward(view(dyc, shape), view(x, shape), view(style, style_shape), 1e-5,
+                                        view(dx, shape), view(dstyle, style_shape), layout);
+    expect_close(dx, finite_difference(f, x, style, unused, dy, x), 1e-6, "AdaIN dx");
+    expect_close(dstyle, finite_difference(f, x, style, unused, dy, style), 1e-6, "AdaIN dstyle");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, BackwardOnPath, ::testing::Values("scalar", "avx2", "avx512"),
+                         [](const auto& info) { return info.param; });
+
+// float32 gradients against float64 ones on data with a large mean (the saved
+// float32 mean is rounded; the backward recentres on the exact mean).
+TEST(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
+  const int64_t rows = 8, cols = 1000;
+  auto xd = random_vector(rows * cols, 21, 1e4, 1e-2), dyd = random_vector(rows * cols, 22);
+  auto wd = random_vector(cols, 23);
+  std::vector<float> x(xd.begin(), xd.end()), dy(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
+  // The float64 reference starts from the float32 data.
+  std::vector<double> xr(x.begin(), x.end()), dyr(dy.begin(), dy.end()), wr(w.begin(), w.end());
+  std::vector<float> y(x.size()), mean(rows), rstd(rows), dx(x.size()), dw(cols);
+  std::vector<double> yr(x.size()), meanr(rows), rstdr(rows), dxr(x.size()), dwr(cols);
+  const nk::Dims shape{rows, cols};
+  nk::layer_norm(nk::TensorView<float>(x.data(), shape), nk::TensorView<float>(y.data(), shape), {cols},
+                 nk::TensorView<float>(w.data(), {cols}), {}, 1e-5, nk::TensorView<float>(mean.data(), {rows}),
+                 nk::TensorView<float>(rstd.data(), {rows}));
+  nk::layer_norm_backward(nk::TensorView<float>(dy.data(), shape), nk::TensorView<float>(x.data(), shape),
+                          nk::TensorView<float>(mean.data(), {rows}), nk::TensorView<float>(rstd.data(), {rows}),
+                          {cols}, nk::TensorView<float>(w.data(), {cols}), nk::TensorView<float>(dx.data(), shape),
+                          nk::TensorView<float>(dw.data(), {cols}));
+  nk::layer_norm(view(xr, shape), view(yr, shape), {cols}, view(wr, {cols}), {}, 1e-5, view(meanr, {rows}),
+                 view(rstdr, {rows}));
+  nk::layer_norm_backward(view(dyr, shape), view(xr, shape), view(meanr, {rows}), view(rstdr, {rows}), {cols},
+                          view(wr, {cols}), view(dxr, shape), view(dwr, {cols}));
+  expect_close(std::vector<double>(dx.begin(), dx.end()), dxr, 1e-5, "dx");
+  expect_close(std::vector<double>(dw.begin(), dw.end()), dwr, 1e-5, "dweight");
+}
+
+// Fixed blocks merged in a fixed order: the same bits for 1 and 2 threads.
+TEST(Backward, GradientsDoNotDependOnTheThreadCount) {
+  const int64_t rows = 2048, cols = 384, n = 8, c = 32, s = 1024;
+  auto xd = random_vector(rows * cols, 31), dyd = random_vector(rows * cols, 32), wd = random_vector(cols, 33);
+  std::vector<float> x(xd.begin(), xd.end()), dy(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
+  auto xcd = random_vector(n * c * s, 34), dycd = random_vector(n * c * s, 35);
+  std::vector<float> xc(xcd.begin(), xcd.end()), dyc(dycd.begin(), dycd.end());
+  auto run = [&](int threads) {
+    nk::set_num_threads(threads);
+    std::vector<float> y(x.size()), mean(rows), rstd(rows), dx(x.size()), dw(cols), db(cols);
+    const nk::Dims shape{rows, cols};
+    nk::layer_norm(nk::TensorView<float>(x.data(), shape), nk::TensorView<float>(y.data(), shape), {cols},
+                   nk::TensorView<float>(w.data(), {cols}), {}, 1e-5, nk::TensorView<float>(mean.data(), {rows}),
+                   nk::TensorView<float>(rstd.data(), {rows}));
+    nk::layer_norm_backward(nk::TensorView<float>(dy.data(), shape), nk::TensorView<float>(x.data(), shape),
+                            nk::TensorView<float>(mean.data(), {rows}), nk::TensorView<float>(rstd.data(), {rows}),
+                            {cols}, nk::TensorView<float>(w.data(), {cols}), nk::TensorView<float>(dx.data(), shape),
+                            nk::TensorView<float>(dw.data(), {cols}), nk::TensorView<float>(db.data(), {cols}));
+    std::vector<float> out = dx;
+    out.insert(out.end(), dw.begin(), dw.end());
+    out.insert(out.end(), db.begin(), db.end());
+    for (nk::Layout layout : {nk::Layout::NCL, nk::Layout::NLC}) {
+      const nk::Dims cshape = layout == nk::Layout::NLC ? nk::Dims{n, s, c} : nk::Dims{n, c, s};
+      std::vector<float> yc(xc.size()), m(c), r(c), dxc(xc.size()), dwc(c), dbc(c);
+      nk::batch_norm(nk::TensorView<float>(xc.data(), cshape), nk::TensorView<float>(yc.data(), cshape), {}, {}, {},
+                     {}, true, 0.1, 1e-5, layout, nk::TensorView<float>(m.data(), {c}),
+                     nk::TensorView<float>(r.data(), {c}));
+      nk::batch_norm_backward(nk::TensorView<float>(dyc.data(), cshape), nk::TensorView<float>(xc.data(), cshape),
+                              nk::TensorView<float>(m.data(), {c}), nk::TensorView<float>(r.data(), {c}), {},
+                              nk::TensorView<float>(dxc.data(), cshape), nk::TensorView<float>(dwc.data(), {c}),
+                              nk::TensorView<float>(dbc.data(), {c}), true, layout);
+      out.insert(out.end(), dxc.begin(), dxc.end());
+      out.insert(out.end(), dwc.begin(), dwc.end());
+      out.insert(out.end(), dbc.begin(), dbc.end());
+    }
+    return out;
+  };
+  const int before = nk::get_num_threads();
+  const auto one = run(1), two = run(2), again = run(2);
+  nk::set_num_threads(before);
+  ASSERT_EQ(one.size(), two.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    ASSERT_EQ(one[i], two[i]) << "element " << i;
+    ASSERT_EQ(two[i], again[i]) << "element " << i;
+  }
+}
+
+TEST(Backward, BadArgumentsAreErrorsNamingThem) {
+  std::vector<double> x(12, 1.0), dy(12, 1.0), dx(12), mean(3), rstd(3, 1.0), mean4(4), rstd4(4, 1.0), small(2);
+  const nk::Dims shape{3, 4};
+  auto expect_error = [](const std::function<void()>& call, const std::string& prefix) {
+    try {
+      call();
+      ADD_FAILURE() << "no error, expected one starting with " << prefix;
+    } catch (const nk::Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(prefix, 0), 0u) << e.what();
+    }
+  };
+  expect_error([&] {
+    nk::layer_norm_backward(view(dy, {4, 3}), view(x, shape), view(mean, {3}), view(rstd, {3}), {4}, {},
+                            view(dx, shape));
+  }, "dy:");
+  expect_error([&] {
+    nk::layer_norm_backward(view(dy, shape), view(x, shape), view(small, {2}), view(rstd, {3}), {4}, {},
+                            view(dx, shape));
+  }, "mean:");
+  expect_error([&] {
+    nk::layer_norm_backward(view(dy, shape), view(x, shape), view(mean, {3}), view(rstd, {3}), {4},
+                            view(small, {2}), view(dx, shape));
+  }, "weight:");
+  expect_error([&] {
+    nk::batch_norm_backward(view(dy, shape), view(x, shape), view(small, {2}), view(rstd4, {4}), {}, view(dx, shape));
+  }, "mean:");
+  expect_error([&] {
+    nk::group_norm_backward(view(dy, {3, 4, 1}), view(x, {3, 4, 1}), view(mean, {3}), view(rstd, {3}), 3, {},
+                            view(dx, {3, 4, 1}));
+  }, "num_groups:");
+  expect_error([&] {
+    nk::batch_norm_backward(view(dy, shape), view(x, shape), view(mean4, {4}), view(rstd4, {4}), {},
+                            nk::TensorView<double>(dy.data() + 1, {3, 4}));
+  }, "dx:");
+}
+
+}  // namespace

@@ -16,8 +16,29 @@
 // since the last backward (otherwise an Error), writes dx (x's shape and dtype)
 // and adds the weight/bias gradients to grad_weight()/grad_bias().
 // Inputs may be float32, float64, float16 or bfloat16: x of the layer's dtype,
-// or 16-bit x with a float32 layer (float32 parameters, as in mixed precision).
+// or 16-bit x with a float32 layer (float32 parameters, as in mixed precision);
+// any other x dtype is an Error (kind type). The statistics saved for backward
+// have stats_dtype(x.dtype) (float32, or float64 for float64 x).
 // Errors are normkit::Error naming the argument.
+//
+// Saved state (what PyTorch keeps in the autograd graph):
+// - forward in training mode saves a view of x plus the statistics; forward in
+//   eval mode saves nothing and drops what an earlier forward saved. A forward
+//   that throws also leaves nothing saved.
+// - an in-place forward (y is x) computes y but saves nothing: x is gone, so a
+//   following backward() is an Error rather than a wrong gradient.
+// - backward() consumes the saved state: a second backward() needs a new forward.
+//   A backward() that throws (e.g. dy of the wrong shape) changes nothing: the
+//   state stays saved and the gradients untouched.
+// - the statistics buffers keep their storage from call to call and grow only
+//   when a larger input needs it.
+//
+// Parameters start as in PyTorch: weight 1, bias 0, running_mean 0,
+// running_var 1, num_batches_tracked 0; gradients 0 (defined whenever the
+// parameter is). Constructor arguments are checked: num_features /
+// num_channels / num_groups > 0, num_groups dividing num_channels, eps finite
+// and >= 0, momentum finite, normalized_shape non-empty without negative
+// extents, dtype one of the four.
 #pragma once
 
 #include <cstdint>
@@ -31,7 +52,8 @@
 namespace normkit {
 
 // A small owned, contiguous array (parameters, gradients, running statistics).
-// Its storage never moves after construction, so views of it stay valid.
+// Its storage never moves after construction (only resize() may move it), so
+// views of it stay valid. Buffer() is undefined: no storage, ref() not given.
 class Buffer {
  public:
   Buffer() = default;
@@ -47,11 +69,16 @@ class Buffer {
   TensorRef ref() const;
 
   void fill(double value);
-  // Copies `src` (same shape; any normkit dtype, converted) into the buffer.
-  // A wrong shape is an Error naming `name`.
+  // Copies `src` (same shape; any normkit dtype, converted; any strides) into
+  // the buffer. A wrong shape, an undefined buffer or a missing src is an Error
+  // naming `name` ("weight: expected shape (768,), got (3,)").
   void assign(const TensorRef& src, const char* name);
   // Adds `src` (same shape and dtype as the buffer) elementwise.
   void add(const Buffer& src);
+  // Scratch use (the layers' saved statistics): makes the buffer a defined
+  // `dtype` array of `shape`, contents unspecified. The storage is kept when it
+  // is large enough and grows otherwise (then earlier views of it are invalid).
+  void resize(DType dtype, Dims shape);
 
  private:
   DType dtype_ = DType::float32;
@@ -96,6 +123,7 @@ class LayerNorm : public NormLayer {
   bool elementwise_affine_;
   DType dtype_;
   Buffer weight_, bias_, grad_weight_, grad_bias_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;  // one backward's gradients, before they are added
   TensorRef saved_x_;
   Buffer saved_mean_, saved_rstd_;
   bool has_saved_ = false;
@@ -124,6 +152,7 @@ class RMSNorm : public NormLayer {
   bool elementwise_affine_;
   DType dtype_;
   Buffer weight_, grad_weight_;
+  Buffer scratch_grad_weight_;
   TensorRef saved_x_;
   Buffer saved_rstd_;
   bool has_saved_ = false;
@@ -133,8 +162,13 @@ class RMSNorm : public NormLayer {
 // momentum=0.1, affine=True, track_running_stats=True, layout). The layout
 // defaults to the channels-first layout of x's rank (NC, NCL, NCHW, NCDHW).
 // momentum = nullopt: cumulative moving average (factor 1 / num_batches_tracked).
-// Training: batch statistics, running statistics updated (if tracked),
-// num_batches_tracked += 1. Eval: running statistics if tracked, else batch ones.
+// Training: batch statistics, running statistics updated (if tracked; the
+// running variance with the unbiased batch variance), num_batches_tracked += 1
+// (also for an empty x, whose running statistics stay as they are, as in
+// PyTorch; not when forward throws). Eval: running statistics if tracked, else
+// batch ones. Saved statistics: (C). x's channel count must be num_features
+// when the layer has per-channel buffers (affine or track_running_stats);
+// without any, any channel count is accepted, as in PyTorch.
 class BatchNorm : public NormLayer {
  public:
   explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
@@ -168,6 +202,7 @@ class BatchNorm : public NormLayer {
   std::optional<Layout> layout_;
   DType dtype_;
   Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;
   std::int64_t num_batches_tracked_ = 0;
   TensorRef saved_x_;
   Buffer saved_mean_, saved_rstd_;
@@ -178,6 +213,12 @@ class BatchNorm : public NormLayer {
 // torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
 // eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, layout).
 // Uses input statistics in training or when not tracking; the running ones in eval.
+// As torch.nn.InstanceNorm*d: training with track_running_stats updates the
+// running statistics with factor momentum (the batch mean of the per-instance
+// statistics; unbiased variance), and momentum = nullopt leaves them unchanged
+// (PyTorch passes momentum 0.0 then); num_batches_tracked is kept for
+// state_dict compatibility but never incremented (PyTorch's InstanceNorm never
+// does). Saved statistics: (N, C). Channel count: as BatchNorm.
 class InstanceNorm : public NormLayer {
  public:
   explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
@@ -210,6 +251,7 @@ class InstanceNorm : public NormLayer {
   std::optional<Layout> layout_;
   DType dtype_;
   Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;
   std::int64_t num_batches_tracked_ = 0;
   TensorRef saved_x_;
   Buffer saved_mean_, saved_rstd_;
@@ -218,6 +260,9 @@ class InstanceNorm : public NormLayer {
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.
+// Saved statistics: (N, num_groups). x's channel count must be num_channels
+// when affine; without parameters any count divisible by num_groups is
+// accepted, as in PyTorch.
 class GroupNorm : public NormLayer {
  public:
   GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true,
@@ -244,6 +289,7 @@ class GroupNorm : public NormLayer {
   std::optional<Layout> layout_;
   DType dtype_;
   Buffer weight_, bias_, grad_weight_, grad_bias_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;
   TensorRef saved_x_;
   Buffer saved_mean_, saved_rstd_;
   bool has_saved_ = false;
