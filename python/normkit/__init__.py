@@ -20,6 +20,7 @@ from ._backward import (
 )
 from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
 from ._functional import layer_norm, rms_norm
+from ._layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 __version__ = _ext.__version__
 
@@ -62,6 +63,11 @@ __all__ = [
     "instance_norm_backward",
     "group_norm_backward",
     "adaptive_instance_norm_backward",
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
     "Layout",
     "set_num_threads",
     "set_output_cache_limit",
