@@ -13,8 +13,8 @@
   a low threshold (``GLIBC_TUNABLES``) supplies the streaming variant. The limit is the fastest of
   all the variants, so "fraction of limit" never flatters a kernel.
 - ``copy_server_main``: that helper (``python _harness.py --copy-server``).
-- What the benchmark scripts (bench_rows.py, bench_channels.py) share around their cases: the
-  command line (``parse_args``), the environment and the libraries under test
+- What the benchmark scripts (bench_rows.py, bench_channels.py, bench_backward.py) share around
+  their cases: the command line (``parse_args``), the environment and the libraries under test
   (``configure_environment``, ``load_libraries``), validation (``Impl``, ``validate_impls``,
   ``max_rel_err``, ``tolerance``), PyTorch and ONNX Runtime plumbing (``to_torch``,
   ``ort_session``, ``ort_impls``, ...), the per-thread-count run (``run_threads``), the header,
@@ -607,8 +607,13 @@ def validate_impls(impls, idx, ref, tol, case_notes, exp_running=None, running_t
     """Run every implementation once and check it: its output at idx against the float64 reference
     ref (within tol), the whole output against normkit's (impls[0], reported only), and with
     exp_running its running statistics after one call (within running_tol). Returns the ones that
-    pass and one check string per implementation; why one fails goes to case_notes."""
-    nk_y = np.array(impls[0].output(), copy=True)  # normkit's fresh output may be a reused buffer
+    pass and one check string per implementation; why one fails goes to case_notes.
+
+    An output may be a tuple of arrays (a backward's (dx, dweight, dbias)): ref is then a tuple too,
+    its first element checked at idx and the others whole (None in either: not checked), and tol
+    may be a tuple (one tolerance per element; None: reported, not checked); the errors are reported
+    element by element ("/")."""
+    nk_y = _copy_output(impls[0].output())  # normkit's fresh output may be a reused buffer
     good, checks = [], []
     for im in impls:
         try:
@@ -616,13 +621,16 @@ def validate_impls(impls, idx, ref, tol, case_notes, exp_running=None, running_t
         except Exception as exc:
             case_notes.append(f"{im.name}: failed to run ({exc}); not timed")
             continue
-        err = max_rel_err(np.asarray(y[idx]), ref)
-        vs_nk = max_rel_err_chunked(y, nk_y)
-        ok = err <= tol
-        msg = f"{im.name} {err:.1e}|{vs_nk:.1e}"
+        errs = _output_errs(y, ref, idx)
+        vs_nk = _output_errs(y, nk_y)
+        tols = tol if isinstance(tol, tuple) else (tol,) * len(errs)
+        bad = [(e, t) for e, t in zip(errs, tols) if e is not None and t is not None and not e <= t]
+        ok = not bad
+        msg = f"{im.name} {_fmt_errs(errs)}|{_fmt_errs(vs_nk)}"
         if not ok:
+            err, t = max(bad, key=lambda b: b[0] / b[1])
             case_notes.append(f"{im.name}: max rel err {err:.2e} against the float64 reference "
-                              f"(tolerance {tol:.1e}); not timed")
+                              f"(tolerance {t:.1e}); not timed")
         del y
         if ok and im.running is not None and exp_running is not None:
             rm, rv = im.running()
@@ -638,6 +646,30 @@ def validate_impls(impls, idx, ref, tol, case_notes, exp_running=None, running_t
     del nk_y
     gc.collect()
     return good, checks
+
+
+def _copy_output(y):
+    if isinstance(y, tuple):
+        return tuple(None if a is None else np.array(a, copy=True) for a in y)
+    return np.array(y, copy=True)
+
+
+def _output_errs(y, ref, idx=None):
+    """max rel errs of an output against ref, one per element (a list of one for an array): at idx
+    if given, else whole (chunked); a tuple output element by element, the first at idx, the others
+    whole, None where either side is None."""
+    if not isinstance(y, tuple):
+        if idx is not None:
+            return [max_rel_err(np.asarray(y[idx]), ref)]
+        return [max_rel_err_chunked(np.asarray(y), np.asarray(ref))]
+    errs = _output_errs(y[0], ref[0], idx)
+    for a, r in zip(y[1:], ref[1:]):
+        errs.append(None if a is None or r is None else max_rel_err_chunked(np.asarray(a), np.asarray(r)))
+    return errs
+
+
+def _fmt_errs(errs):
+    return "/".join("-" if e is None else f"{e:.1e}" for e in errs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,20 +784,22 @@ def run_threads(c, args, limit, log, results, notes, make_impls, idx, ref, check
                 exp_running=None, running_tol=None, unprefixed_notes=()):
     """Time case c at every thread count in args.threads and log a table per thread count.
 
-    c needs name, label, dtype, dtype_name, x and bytes (x read + y written). make_impls(t,
+    c needs name, label, dtype, dtype_name, x and bytes (x read + y written), and may have limit_nbytes:
+    the size of the bandwidth limit's copy (default x's size; bytes / 2 moves as many bytes) and tol
+    (validate_impls's; default tolerance(c.dtype)). make_impls(t,
     case_notes) builds the implementations at t threads (normkit's fresh output first); they are
     validated (validate_impls against ref at idx; check_what describes the check columns), timed
     round-robin together with the bandwidth limit's copies, and one row per implementation is
     appended to results. Notes go to the log and, prefixed with case and threads unless they start
     with one of unprefixed_notes, once each to notes."""
-    limit.setup(c.x.nbytes, args.out_offset)
+    limit.setup(getattr(c, "limit_nbytes", c.x.nbytes), args.out_offset)
     for t in args.threads:
         t_start = time.perf_counter()
         got = set_threads(t)
         case_notes = []
         impls = make_impls(t, case_notes)
-        good, checks = validate_impls(impls, idx, ref, tolerance(c.dtype), case_notes,
-                                      exp_running, running_tol)
+        good, checks = validate_impls(impls, idx, ref, getattr(c, "tol", None) or tolerance(c.dtype),
+                                      case_notes, exp_running, running_tol)
 
         lib_entries = [Entry(im.name, fn=im.fn) for im in good]
         copy_entries = limit.entries(t)
@@ -800,7 +834,7 @@ def log_results(c, t, lib_entries, copy_entries, log, results):
     log("   limit: " + ", ".join(f"{e.name} {fmt_ms(e.median)} ms" for e in copy_entries)
         + f"  -> {c.bytes / lim / 1e9:.1f} GB/s ({best_copy.name})")
     hdr = f"   {'implementation':<18}{'median ms':>11}{'IQR%':>6}{'batch':>7}{'GB/s':>8}{'frac':>7}" \
-          f"{'x nk':>8}{'x nk out=':>11}"
+          f"{'x nk':>8}" + (f"{'x nk out=':>11}" if nk_out else "")
     log(hdr)
     for e in lib_entries:
         row = {
@@ -813,7 +847,7 @@ def log_results(c, t, lib_entries, copy_entries, log, results):
         }
         results.append(row)
         log(f"   {e.name:<18}{fmt_ms(e.median):>11}{100 * e.spread:>5.0f}%{e.k:>7}{row['gbps']:>8.1f}"
-            f"{row['frac']:>7.2f}{row['x_nk']:>7.2f}x{row['x_nk_out']:>10.2f}x")
+            f"{row['frac']:>7.2f}{row['x_nk']:>7.2f}x" + (f"{row['x_nk_out']:>10.2f}x" if nk_out else ""))
 
 
 def case_title(c):
@@ -825,10 +859,11 @@ def case_title(c):
 # header, targets, markdown and the main loop
 
 
-def header_lines(args, limit_helper_ok, implementations, allocator_note="", extra=()):
+def header_lines(args, limit_helper_ok, implementations, allocator_note="", extra=(), limit_what="x's bytes"):
     """(key, value) lines describing the run: command, machine, versions, thread policy,
     allocator (+ allocator_note), environment, placement, timing, bandwidth limit, then the
-    script's extra lines, implementations and the skipped libraries."""
+    script's extra lines, implementations and the skipped libraries. limit_what: what the bandwidth
+    limit's copy copies."""
     info = normkit.info()
     versions = [f"python {platform.python_version()}", f"numpy {np.__version__}",
                 f"normkit {info.get('version')}"]
@@ -873,7 +908,7 @@ def header_lines(args, limit_helper_ok, implementations, allocator_note="", extr
                       "always": "each sample right after one untimed call of the same implementation",
                       "auto": "at >1 thread each sample right after one untimed call of the same implementation"
                       }[args.prime]),
-        ("bandwidth limit", "fastest of np.copyto (glibc memcpy) of x's bytes on 1 thread / 2 threads"
+        ("bandwidth limit", f"fastest of np.copyto (glibc memcpy) of {limit_what} on 1 thread / 2 threads"
             + (f", default non-temporal threshold {mib(nt):.0f} MiB" if nt else "")
             + (", and the same with non-temporal stores forced (helper process, threshold 1 MiB)"
                if limit_helper_ok else "")),
@@ -909,46 +944,62 @@ def target_rows(results, args, targets, fraction_targets, untimed_prefix=">= ", 
             spo = po["median_s"] / nko["median_s"] if nko else float("nan")
             out.append((case, t, f">= {need:g}x {peer}" if need > 1 else f"faster than {peer}",
                         f"{sp:.2f}x {'met' if sp >= need else 'MISSED'}",
-                        f"{spo:.2f}x {'met' if spo >= need else 'MISSED'}"))
+                        f"{spo:.2f}x {'met' if spo >= need else 'MISSED'}" if nko else ""))
         if case in fraction_targets:
             need = fraction_targets[case]
             f = nk["frac"]
             fo = nko["frac"] if nko else float("nan")
             out.append((case, t, f"fraction of limit >= {need:g}",
                         f"{f:.2f} {'met' if f >= need else fraction_missed}",
-                        f"{fo:.2f} {'met' if fo >= need else fraction_missed}"))
+                        f"{fo:.2f} {'met' if fo >= need else fraction_missed}" if nko else ""))
     return out
 
 
-def print_targets(targets, issue):
-    """Print the target block (nothing if there are no targets)."""
+def print_targets(targets, issue, with_out=True):
+    """Print the target block (nothing if there are no targets). with_out=False: normkit has no out=
+    variant (the block's second result column is empty)."""
     if targets:
-        print(f"\n=== targets (issue {issue}), normkit speedup at "
-              f"{targets[0][1]} threads; fresh vs fresh | normkit out= vs peer out= (or fresh) ===")
+        print(f"\n=== targets (issue {issue}), normkit speedup at {targets[0][1]} threads; "
+              + ("fresh vs fresh | normkit out= vs peer out= (or fresh) ===" if with_out else "normkit vs peer ==="))
         for case, t, what, a, b in targets:
             print(f"   {case:<20} {what:<28} {a:<16} {b}")
 
 
-def write_markdown(path, title, issue, header, results, targets, notes):
-    """The header, the result table, the target block and the notes as markdown."""
+def has_out_variant(results):
+    """Whether normkit was timed with out= (the backward functions have no out=)."""
+    return any(r["impl"] == "normkit out=" for r in results)
+
+
+def write_markdown(path, title, issue, header, results, targets, notes, legend=None):
+    """The header, the result table, the target block and the notes as markdown. legend: the
+    paragraph above the table (default: the forward benchmarks'). Without normkit out= rows the
+    out= columns are left out."""
+    with_out = has_out_variant(results)
     L = [f"# {title}", ""]
     for k, v in header:
         L.append(f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}")
-    L += ["", "Fresh output: a new array per call. `out=`: into a preallocated array (PyTorch has no out= "
-          "for these functions). GB/s counts x read + y written. frac = bandwidth-limit time / time. "
-          "x nk = this row's time / normkit's (normkit's speedup over it); x nk out= the same against "
-          "normkit with out=.", ""]
-    L.append("| case | threads | implementation | median ms | GB/s | frac of limit | x nk | x nk out= | limit GB/s |")
-    L.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if legend is None:
+        legend = ("Fresh output: a new array per call. `out=`: into a preallocated array (PyTorch has no out= "
+                  "for these functions). GB/s counts x read + y written. frac = bandwidth-limit time / time. "
+                  "x nk = this row's time / normkit's (normkit's speedup over it); x nk out= the same against "
+                  "normkit with out=.")
+    L += ["", legend, ""]
+    L.append("| case | threads | implementation | median ms | GB/s | frac of limit | x nk | "
+             + ("x nk out= | " if with_out else "") + "limit GB/s |")
+    L.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | " + ("---: | " if with_out else "") + "---: |")
     for r in results:
         L.append(f"| {r['label']} | {r['threads']} | {r['impl']} | {fmt_ms(r['median_s'])} | {r['gbps']:.1f} | "
-                 f"{r['frac']:.2f} | {r['x_nk']:.2f} | {r['x_nk_out']:.2f} | {r['limit_gbps']:.1f} |")
+                 f"{r['frac']:.2f} | {r['x_nk']:.2f} | " + (f"{r['x_nk_out']:.2f} | " if with_out else "")
+                 + f"{r['limit_gbps']:.1f} |")
     if targets:
-        L += ["", f"## Targets (issue {issue})", "",
-              "| case | threads | target | normkit (fresh vs fresh) | normkit out= (vs peer out= if any) |",
-              "| --- | ---: | --- | --- | --- |"]
+        L += ["", f"## Targets (issue {issue})", ""]
+        if with_out:
+            L += ["| case | threads | target | normkit (fresh vs fresh) | normkit out= (vs peer out= if any) |",
+                  "| --- | ---: | --- | --- | --- |"]
+        else:
+            L += ["| case | threads | target | normkit |", "| --- | ---: | --- | --- |"]
         for case, t, what, a, b in targets:
-            L.append(f"| {case} | {t} | {what} | {a} | {b} |")
+            L.append(f"| {case} | {t} | {what} | {a} | {b} |" if with_out else f"| {case} | {t} | {what} | {a} |")
     if notes:
         L += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     L.append("")
@@ -957,13 +1008,14 @@ def write_markdown(path, title, issue, header, results, targets, notes):
 
 
 def main(args, name, what, issue, make_header, make_case, run_case, make_targets,
-         skip_failed_cases=False, report_total_time=False):
+         skip_failed_cases=False, report_total_time=False, inference_mode=True, legend=None):
     """A benchmark script's main loop: print the header, run every case of args.cases (make_case(name),
     then run_case(case, limit, log, results, notes)) under torch.inference_mode, print the target
     block (make_targets(results)) and write the markdown file. name: "normkit rows benchmark" and
     the like; what: the ops, for the markdown title; make_header(limit_helper_ok): header_lines.
     skip_failed_cases: a case whose construction raises RuntimeError is reported and skipped;
-    report_total_time: the last line gives the whole run's time."""
+    report_total_time: the last line gives the whole run's time. inference_mode=False: run the cases
+    outside torch.inference_mode (a backward benchmark needs autograd). legend: see write_markdown."""
     t0 = time.perf_counter()
     limit = BandwidthLimit(streaming_helper=not args.no_streaming_limit)
     header = make_header(limit.remote is not None)
@@ -973,7 +1025,7 @@ def main(args, name, what, issue, make_header, make_case, run_case, make_targets
     if limit.remote_error:
         print(f"  note: streaming-copy helper unavailable: {limit.remote_error}")
     results, notes = [], []
-    ctx = torch.inference_mode() if torch is not None else None
+    ctx = torch.inference_mode() if torch is not None and inference_mode else None
     try:
         if ctx is not None:
             ctx.__enter__()
@@ -995,12 +1047,12 @@ def main(args, name, what, issue, make_header, make_case, run_case, make_targets
         limit.close()
 
     targets = make_targets(results)
-    print_targets(targets, issue)
+    print_targets(targets, issue, has_out_variant(results))
     print(f"\nload average at end: {loadavg()}"
           + (f"; whole run {time.perf_counter() - t0:.0f} s" if report_total_time else ""))
     if args.markdown:
         header.append(("load average at end", loadavg()))
-        write_markdown(args.markdown, f"{name}: {what}", issue, header, results, targets, notes)
+        write_markdown(args.markdown, f"{name}: {what}", issue, header, results, targets, notes, legend)
         print(f"wrote {args.markdown}")
 
 
