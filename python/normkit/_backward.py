@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _ext
 from ._channels import _channel_input, _layout
-from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view
+from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps, _rows_input
 
 __all__ = [
@@ -43,9 +43,12 @@ def _like_x(dy, x, rows_k=None):
     return np.ascontiguousarray(dy)
 
 
-def _saved(stat, name):
-    """A saved statistic (mean or rstd): dtype and size are checked in C++."""
+def _saved(stat, name, x_dtype):
+    """A saved statistic (mean or rstd): its size and dtype are checked in C++,
+    except bfloat16, which cannot travel to it as itself."""
     stat = as_input(stat, name)
+    if is_bf16(stat.dtype):
+        raise TypeError(f"{name}: expected dtype {stats_dtype(x_dtype)}, got bfloat16")
     return stat if stat.flags.c_contiguous else np.ascontiguousarray(stat)
 
 
@@ -59,7 +62,7 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None):
     """Gradient of ``layer_norm``: returns ``(dx, dweight, dbias)``."""
     x, shape, bf16, _ = _rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
-    mean, rstd = _saved(mean, "mean"), _saved(rstd, "rstd")
+    mean, rstd = _saved(mean, "mean", x.dtype), _saved(rstd, "rstd", x.dtype)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))
     dx = empty(x.shape, x.dtype)
@@ -73,7 +76,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None):
     """Gradient of ``rms_norm``: returns ``(dx, dweight)``."""
     x, shape, bf16, _ = _rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
-    rstd = _saved(rstd, "rstd")
+    rstd = _saved(rstd, "rstd", x.dtype)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))
     dx = empty(x.shape, x.dtype)
@@ -86,7 +89,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None):
 def _channel_backward_args(dy, x, mean, rstd, weight):
     x, bf16 = _channel_input(as_input(x, "x"))
     dy = _like_x(dy, x)
-    mean, rstd = _saved(mean, "mean"), _saved(rstd, "rstd")
+    mean, rstd = _saved(mean, "mean", x.dtype), _saved(rstd, "rstd", x.dtype)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))  # its shape is checked in C++
     dx = empty(x.shape, x.dtype)

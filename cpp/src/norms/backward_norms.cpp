@@ -253,37 +253,45 @@ AffineGrads per_sample_backward(const TensorRef& dy, const TensorRef& x, const T
     return out;
   }
 
-  // Channels-last: sums per (sample, channel), then one apply pass.
-  std::vector<double> center(g.n * g.c);
-  for (std::int64_t n = 0; n < g.n; ++n)
-    for (std::int64_t c = 0; c < g.c; ++c) center[n * g.c + c] = mean_ng[n * groups + c / per_group];
-  const plan::GradSums sums = plan::channel_grad_sums(x, dy, g, /*per_sample=*/true, center);
+  // Channels-last: sums per (sample, channel), then one apply pass; a large
+  // sample is done whole before the next, so the apply pass re-reads it from cache.
+  const std::int64_t step = plan::samples_per_step(g, x.dtype);
   const double count = double(per_group * g.s);
-  std::vector<double> dy_scale(g.n * g.c), scale(g.n * g.c), shift(g.n * g.c);
-  for (std::int64_t n = 0; n < g.n; ++n)
-    for (std::int64_t grp = 0; grp < groups; ++grp) {
-      const std::int64_t first = n * g.c + grp * per_group;
+  for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
+    const std::int64_t samples = std::min(step, g.n - n0), first = n0 * g.c, entries = samples * g.c;
+    ChannelGeometry gs = g;
+    gs.n = samples;
+    std::vector<double> center(entries);
+    for (std::int64_t e = 0; e < entries; ++e)
+      center[e] = mean_ng[(first + e) / g.c * groups + (first + e) % g.c / per_group];
+    const TensorRef xs = plan::sample_slice(x, n0, samples), dys = plan::sample_slice(dy, n0, samples);
+    const plan::GradSums sums = plan::channel_grad_sums(xs, dys, gs, /*per_sample=*/true, center);
+    std::vector<double> dy_scale(entries), scale(entries), shift(entries);
+    for (std::int64_t e0 = 0; e0 < entries; e0 += per_group) {  // one group of one sample
+      const std::int64_t n = (first + e0) / g.c, grp = (first + e0) % g.c / per_group;
       const double rs = rstd_ng[n * groups + grp];
       double xc = 0;
-      for (std::int64_t j = 0; j < per_group; ++j) xc += sums.xc[first + j];
+      for (std::int64_t j = 0; j < per_group; ++j) xc += sums.xc[e0 + j];
       const double delta = xc / count;
       double sum_g = 0, sum_g_xhat = 0;
       for (std::int64_t j = 0; j < per_group; ++j) {
-        const std::int64_t e = first + j;
-        out.sum_dy[e] = sums.dy[e];
-        out.sum_dy_xhat[e] = rs * (sums.dy_xc[e] - delta * sums.dy[e]);
-        sum_g += w_nc[e] * out.sum_dy[e];
-        sum_g_xhat += w_nc[e] * out.sum_dy_xhat[e];
+        const std::int64_t e = e0 + j, ge = first + e;
+        out.sum_dy[ge] = sums.dy[e];
+        out.sum_dy_xhat[ge] = rs * (sums.dy_xc[e] - delta * sums.dy[e]);
+        sum_g += w_nc[ge] * out.sum_dy[ge];
+        sum_g_xhat += w_nc[ge] * out.sum_dy_xhat[ge];
       }
       for (std::int64_t j = 0; j < per_group; ++j) {
-        const std::int64_t e = first + j;
+        const std::int64_t e = e0 + j;
         center[e] += delta;
-        dy_scale[e] = w_nc[e] * rs;
+        dy_scale[e] = w_nc[first + e] * rs;
         scale[e] = -rs * rs * (sum_g_xhat / count);
         shift[e] = -rs * (sum_g / count);
       }
     }
-  plan::channel_apply(x, dx, g, /*per_sample=*/true, scale, shift, &center, 0, dy, &dy_scale);
+    plan::channel_apply(xs, plan::sample_slice(dx, n0, samples), gs, /*per_sample=*/true, scale, shift, &center,
+                        dx.numel() * element_size(dx.dtype), dys, &dy_scale);
+  }
   return out;
 }
 

@@ -117,8 +117,6 @@ ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const
 // y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
 // (sample, channel). A large sample is done whole before the next one, so the
 // output pass re-reads it from cache instead of from memory.
-constexpr std::int64_t kSampleInCacheBytes = std::int64_t(1) << 20;
-
 template <class Affine>
 Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                              double eps, Affine&& affine) {
@@ -126,18 +124,11 @@ Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const Chann
   all.mean.resize(g.n * groups);
   all.var.resize(g.n * groups);
   all.count = (g.c / groups) * g.s;
-  const std::int64_t sample_elements = g.s * g.c;
-  const std::int64_t step = sample_elements * element_size(x.dtype) >= kSampleInCacheBytes ? 1 : g.n;
+  const std::int64_t step = plan::samples_per_step(g, x.dtype);
   const std::int64_t per_group = g.c / groups;
   for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
     const std::int64_t count = std::min(step, g.n - n0);
-    auto slice = [&](const TensorRef& t) {
-      TensorRef s = t;
-      s.data = static_cast<char*>(t.data) + n0 * sample_elements * element_size(t.dtype);
-      s.shape[0] = count;
-      return s;
-    };
-    const TensorRef xs = slice(x), ys = slice(y);
+    const TensorRef xs = plan::sample_slice(x, n0, count), ys = plan::sample_slice(y, n0, count);
     ChannelGeometry gs = g;
     gs.n = count;
     const Moments m = plan::channel_moments(xs, gs, groups, /*per_sample=*/true);

@@ -58,6 +58,19 @@ std::int64_t columns_block_rows(std::int64_t cols, DType dtype) {
 
 }  // namespace
 
+TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count) {
+  TensorRef s = t;
+  const std::int64_t sample_elements = t.shape[0] > 0 ? t.numel() / t.shape[0] : 0;
+  s.data = static_cast<char*>(t.data) + first * sample_elements * element_size(t.dtype);
+  s.shape[0] = count;
+  return s;
+}
+
+std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype) {
+  constexpr std::int64_t kSampleInCacheBytes = std::int64_t(1) << 20;
+  return g.s * g.c * element_size(dtype) >= kSampleInCacheBytes ? 1 : std::max<std::int64_t>(g.n, 1);
+}
+
 double read_element(const TensorRef& t, std::int64_t i) {
   switch (t.dtype) {
     case DType::float32: return static_cast<const float*>(t.data)[i];

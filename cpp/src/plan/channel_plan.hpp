@@ -69,6 +69,16 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
                       double eps, Moments& moments);
 
+// Samples [first, first + count) of a tensor contiguous in a channel layout
+// (the batch axis is first in every layout).
+TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count);
+
+// How many samples a two-pass per-sample norm (channels-last InstanceNorm /
+// GroupNorm / AdaIN) takes at a time: one when a sample is large (>= 1 MiB),
+// so that the second pass re-reads it from cache instead of from memory;
+// else the whole batch in one go.
+std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype);
+
 // Reads element i of a float tensor as double / writes it (any normkit dtype).
 double read_element(const TensorRef& t, std::int64_t i);
 void write_element(const TensorRef& t, std::int64_t i, double v);
