@@ -18,15 +18,21 @@ namespace {
 // the total mean first, then M2 = sum of M2_i + count_i * (mean_i - mean)^2
 // (the parallel-variance identity behind Chan's formula, without a division
 // per summary: this runs over thousands of block partials per call).
+// Means are summed relative to the first summary's, so equal means (a
+// constant channel) merge exactly and a large common mean loses nothing to
+// the products count_i * mean_i.
 // `each(visit)` calls visit(count, mean, m2) for every summary.
 template <class Each>
 void merge_summaries(Each&& each, double& mean, double& var) {
-  double count = 0, sum = 0;
+  double count = 0, sum = 0, reference = 0;
+  bool first = true;
   each([&](double n, double m, double) {
+    if (first) reference = m;
+    first = false;
     count += n;
-    sum += n * m;
+    sum += n * (m - reference);
   });
-  mean = sum / count;
+  mean = reference + sum / count;
   double m2 = 0;
   each([&](double n, double m, double q) {
     const double d = m - mean;
