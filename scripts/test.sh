@@ -54,5 +54,8 @@ cmake -S examples/cpp -B build/cpp-example -DCMAKE_BUILD_TYPE=Release \
 cmake --build build/cpp-example -j "$JOBS" >/dev/null
 build/cpp-example/engine_demo
 
+step "C++ package: a consumer asking for a missing component gets a clear CMake error"
+bash tests/cmake/check_consumer_errors.sh build/cpp-install
+
 step "C++ tests"
 ctest --test-dir build/cpp-tests --output-on-failure

@@ -3,11 +3,19 @@
 // The engine owns its buffers: float16 token embeddings with float32
 // LayerNorm parameters, and a float32 NHWC image batch with BatchNorm
 // running statistics. It calls normkit on views of them and checks each
-// result against a plain reference loop. Exit status 0 means every check passed.
+// result against a plain reference loop. Then it does the same through
+// normkit's layer objects (normkit::LayerNorm, normkit::BatchNorm from
+// normkit/layers.hpp), loaded as an engine loads a checkpoint: weights, biases
+// and running statistics copied in from raw arrays with Buffer::assign, the
+// layers switched to eval mode, run on float32 and float16 buffers.
+// Exit status 0 means every check passed.
 #include <normkit/normkit.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -30,6 +38,179 @@ std::vector<double> reference_layer_norm(const std::vector<normkit::half>& x, in
       y[t * hidden + i] = (static_cast<float>(x[t * hidden + i]) - mean) / std::sqrt(var + 1e-5) * gamma[i] + beta[i];
   }
   return y;
+}
+
+// The same reference for float32 or float16 inputs, parameters as raw arrays.
+template <class T>
+std::vector<double> reference_layer_norm(const T* x, int64_t tokens, int64_t hidden, const float* gamma,
+                                         const float* beta, double eps) {
+  std::vector<double> y(static_cast<size_t>(tokens * hidden));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* row = x + t * hidden;
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < hidden; ++i) mean += static_cast<float>(row[i]);
+    mean /= double(hidden);
+    for (int64_t i = 0; i < hidden; ++i) var += (static_cast<float>(row[i]) - mean) * (static_cast<float>(row[i]) - mean);
+    var /= double(hidden);
+    for (int64_t i = 0; i < hidden; ++i)
+      y[t * hidden + i] = (static_cast<float>(row[i]) - mean) / std::sqrt(var + eps) * gamma[i] + beta[i];
+  }
+  return y;
+}
+
+// BatchNorm inference over NHWC data (channel = innermost index), in double.
+template <class T>
+std::vector<double> reference_batch_norm_nhwc(const T* x, int64_t count, int64_t c, const float* mean,
+                                              const float* var, const float* weight, const float* bias, double eps) {
+  std::vector<double> y(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t ch = i % c;
+    y[i] = (static_cast<float>(x[i]) - mean[ch]) / std::sqrt(double(var[ch]) + eps) * weight[ch] + bias[ch];
+  }
+  return y;
+}
+
+// Largest |got - want| / (1 + |want|).
+template <class T>
+double max_relative_error(const T* got, const std::vector<double>& want) {
+  double err = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    err = std::max(err, std::abs(double(static_cast<float>(got[i])) - want[i]) / (1 + std::abs(want[i])));
+  return err;
+}
+
+// A checkpoint as an engine reads it from disk: flat arrays, no normkit types.
+struct Checkpoint {
+  // LayerNorm(hidden): weight, bias
+  std::vector<float> ln_weight, ln_bias;
+  // BatchNorm2d(channels): weight, bias, running_mean, running_var, num_batches_tracked
+  std::vector<float> bn_weight, bn_bias, bn_running_mean, bn_running_var;
+  int64_t bn_num_batches_tracked = 0;
+};
+
+Checkpoint make_checkpoint(int64_t hidden, int64_t channels, std::mt19937& gen) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Checkpoint ck;
+  for (int64_t i = 0; i < hidden; ++i) {
+    ck.ln_weight.push_back(1.0f + 0.1f * normal(gen));
+    ck.ln_bias.push_back(0.1f * normal(gen));
+  }
+  for (int64_t i = 0; i < channels; ++i) {
+    ck.bn_weight.push_back(1.0f + 0.2f * normal(gen));
+    ck.bn_bias.push_back(0.2f * normal(gen));
+    ck.bn_running_mean.push_back(0.2f * normal(gen));
+    ck.bn_running_var.push_back(0.5f + std::abs(normal(gen)));
+  }
+  ck.bn_num_batches_tracked = 1000;
+  return ck;
+}
+
+// Copies a flat float array into a layer's buffer (shape (n,)); Buffer::assign
+// checks the shape and converts to the buffer's dtype.
+void load(normkit::Buffer& buffer, const std::vector<float>& values, const char* name) {
+  buffer.assign(normkit::TensorView<const float>(values.data(), {static_cast<int64_t>(values.size())}), name);
+}
+
+// The layer objects of normkit/layers.hpp, loaded from a checkpoint, in eval
+// mode, over float32 and float16 buffers the engine owns.
+bool run_layers(std::mt19937& gen) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t tokens = 128, hidden = 512;          // LayerNorm over token embeddings
+  const int64_t n = 2, h = 8, w = 8, c = 48;         // BatchNorm over an NHWC image batch
+  const double eps = 1e-5;
+  const Checkpoint ck = make_checkpoint(hidden, c, gen);
+  bool ok = true;
+
+  normkit::LayerNorm ln({hidden}, eps);               // float32 parameters
+  normkit::BatchNorm bn(c, eps, 0.1, /*affine=*/true, /*track_running_stats=*/true, normkit::Layout::NHWC);
+  try {
+    load(ln.weight(), ck.ln_weight, "ln.weight");
+    load(ln.bias(), ck.ln_bias, "ln.bias");
+    load(bn.weight(), ck.bn_weight, "bn.weight");
+    load(bn.bias(), ck.bn_bias, "bn.bias");
+    load(bn.running_mean(), ck.bn_running_mean, "bn.running_mean");
+    load(bn.running_var(), ck.bn_running_var, "bn.running_var");
+    bn.num_batches_tracked() = ck.bn_num_batches_tracked;
+  } catch (const normkit::Error& e) {
+    std::printf("unexpected normkit::Error loading the checkpoint: %s\n", e.what());
+    return false;
+  }
+  ln.eval();
+  bn.eval();
+
+  // The engine's buffers: float32 and float16 activations.
+  std::vector<float> tok32(tokens * hidden), out32(tok32.size());
+  std::vector<normkit::half> tok16(tok32.size()), out16(tok32.size());
+  for (size_t i = 0; i < tok32.size(); ++i) {
+    tok32[i] = 1.5f * normal(gen) - 0.25f;
+    tok16[i] = normkit::half(tok32[i]);
+  }
+  std::vector<float> img32(n * h * w * c), feat32(img32.size());
+  std::vector<normkit::half> img16(img32.size()), feat16(img32.size());
+  for (size_t i = 0; i < img32.size(); ++i) {
+    img32[i] = normal(gen);
+    img16[i] = normkit::half(img32[i]);
+  }
+
+  try {
+    ln.forward(normkit::TensorView<const float>(tok32.data(), {tokens, hidden}),
+               normkit::TensorView<float>(out32.data(), {tokens, hidden}));
+    ln.forward(normkit::TensorView<const normkit::half>(tok16.data(), {tokens, hidden}),
+               normkit::TensorView<normkit::half>(out16.data(), {tokens, hidden}));
+    bn.forward(normkit::TensorView<const float>(img32.data(), {n, h, w, c}),
+               normkit::TensorView<float>(feat32.data(), {n, h, w, c}));
+    bn.forward(normkit::TensorView<const normkit::half>(img16.data(), {n, h, w, c}),
+               normkit::TensorView<normkit::half>(feat16.data(), {n, h, w, c}));
+  } catch (const normkit::Error& e) {
+    std::printf("unexpected normkit::Error in a layer forward: %s\n", e.what());
+    return false;
+  }
+
+  // Eval mode: the running statistics are constants and stay as loaded.
+  const auto* rm = static_cast<const float*>(bn.running_mean().data());
+  const auto* rv = static_cast<const float*>(bn.running_var().data());
+  const bool stats_kept = std::memcmp(rm, ck.bn_running_mean.data(), c * sizeof(float)) == 0 &&
+                          std::memcmp(rv, ck.bn_running_var.data(), c * sizeof(float)) == 0 &&
+                          bn.num_batches_tracked() == ck.bn_num_batches_tracked;
+  std::printf("BatchNorm layer eval: running statistics %s\n", stats_kept ? "unchanged" : "CHANGED");
+  ok = ok && stats_kept;
+
+  struct Result {
+    const char* what;
+    double err, tol;
+  };
+  const Result results[] = {
+      {"LayerNorm layer float32", max_relative_error(out32.data(), reference_layer_norm(tok32.data(), tokens, hidden,
+                                                                                          ck.ln_weight.data(),
+                                                                                          ck.ln_bias.data(), eps)),
+       1e-5},
+      {"LayerNorm layer float16", max_relative_error(out16.data(), reference_layer_norm(tok16.data(), tokens, hidden,
+                                                                                          ck.ln_weight.data(),
+                                                                                          ck.ln_bias.data(), eps)),
+       1e-3},
+      {"BatchNorm layer float32 NHWC",
+       max_relative_error(feat32.data(), reference_batch_norm_nhwc(img32.data(), n * h * w * c, c, rm, rv,
+                                                                   ck.bn_weight.data(), ck.bn_bias.data(), eps)),
+       1e-5},
+      {"BatchNorm layer float16 NHWC",
+       max_relative_error(feat16.data(), reference_batch_norm_nhwc(img16.data(), n * h * w * c, c, rm, rv,
+                                                                   ck.bn_weight.data(), ck.bn_bias.data(), eps)),
+       1e-3},
+  };
+  for (const Result& r : results) {
+    std::printf("%-30s: max relative error %.2e (tolerance %.0e)\n", r.what, r.err, r.tol);
+    ok = ok && r.err < r.tol;
+  }
+
+  // A checkpoint array of the wrong size is an Error naming the buffer.
+  try {
+    load(ln.weight(), std::vector<float>(hidden - 1, 1.0f), "ln.weight");
+    std::printf("expected an error for a wrong-sized checkpoint array\n");
+    ok = false;
+  } catch (const normkit::Error& e) {
+    std::printf("error, as expected: %s\n", e.what());
+  }
+  return ok;
 }
 
 }  // namespace
@@ -106,6 +287,9 @@ int main() {
   } catch (const normkit::Error& e) {
     std::printf("error, as expected: %s\n", e.what());
   }
+
+  // --- The same through layer objects loaded from a checkpoint ------------------
+  ok = run_layers(gen) && ok;
 
   std::printf("%s\n", ok ? "engine_demo: all checks passed" : "engine_demo: FAILED");
   return ok ? 0 : 1;

@@ -13,26 +13,37 @@ namespace detail {
 // IEEE 754 binary16. Storage only: normkit widens to float to compute.
 struct half {
   std::uint16_t bits = 0;
+  // +0.0.
   half() = default;
+  // Rounds f to the nearest binary16 (ties to even; overflow to infinity).
   explicit half(float f) : bits(detail::nk_float_to_half_bits(f)) {}
+  // The half with these raw bits.
   static half from_bits(std::uint16_t b) { half h; h.bits = b; return h; }
+  // Widens to float (exact).
   explicit operator float() const { return detail::nk_half_bits_to_float(bits); }
 };
 
 // bfloat16: the upper 16 bits of a float. Storage only, like half.
 struct bfloat16 {
   std::uint16_t bits = 0;
+  // +0.0.
   bfloat16() = default;
+  // Rounds f to the nearest bfloat16 (ties to even).
   explicit bfloat16(float f) : bits(detail::nk_float_to_bf16_bits(f)) {}
+  // The bfloat16 with these raw bits.
   static bfloat16 from_bits(std::uint16_t b) { bfloat16 h; h.bits = b; return h; }
+  // Widens to float (exact).
   explicit operator float() const { return detail::nk_bf16_bits_to_float(bits); }
 };
 
 static_assert(sizeof(half) == 2 && sizeof(bfloat16) == 2, "16-bit types must be 2 bytes");
 
+// The element type of a TensorRef (float, double, half, bfloat16).
 enum class DType : std::uint8_t { float32, float64, float16, bfloat16 };
 
+// "float32", "float64", "float16" or "bfloat16".
 const char* to_string(DType dtype);
+// Bytes per element (4, 8, 2, 2).
 int element_size(DType dtype);
 
 // The dtype that statistics (mean, rstd) and accumulation use: float for
@@ -41,6 +52,7 @@ inline DType stats_dtype(DType dtype) {
   return dtype == DType::float64 ? DType::float64 : DType::float32;
 }
 
+// dtype_of<T>::value: the DType of element type T (const ignored).
 template <class T> struct dtype_of;
 template <> struct dtype_of<float> { static constexpr DType value = DType::float32; };
 template <> struct dtype_of<double> { static constexpr DType value = DType::float64; };

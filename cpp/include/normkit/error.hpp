@@ -14,8 +14,10 @@ enum class ErrorKind { value, type };
 // argument first ("weight: expected shape (768), got (767)").
 class Error : public std::invalid_argument {
  public:
+  // An error of `kind`; `message` starts with the argument's name.
   Error(ErrorKind kind, const std::string& message)
       : std::invalid_argument(message), kind_(kind) {}
+  // Which kind of mistake: a wrong value/shape (value) or a wrong dtype (type).
   ErrorKind kind() const noexcept { return kind_; }
 
  private:

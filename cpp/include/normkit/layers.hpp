@@ -56,18 +56,26 @@ namespace normkit {
 // views of it stay valid. Buffer() is undefined: no storage, ref() not given.
 class Buffer {
  public:
+  // An undefined buffer (an absent parameter).
   Buffer() = default;
+  // A defined `dtype` array of `shape`, every element `fill`.
   Buffer(DType dtype, Dims shape, double fill = 0.0);
 
+  // False for an absent parameter (e.g. bias=false).
   bool defined() const { return defined_; }
+  // The element type of the storage.
   DType dtype() const { return dtype_; }
+  // The shape (row-major contiguous).
   const Dims& shape() const { return shape_; }
+  // Number of elements (0 when undefined).
   std::int64_t numel() const { return defined_ ? shape_.product() : 0; }
+  // The raw storage: numel() elements of dtype(); cast to float* etc.
   void* data() { return storage_.data(); }
   const void* data() const { return storage_.data(); }
   // A view of the buffer; not given (TensorRef{}) when the buffer is undefined.
   TensorRef ref() const;
 
+  // Sets every element to `value` (converted to the buffer's dtype).
   void fill(double value);
   // Copies `src` (same shape; any normkit dtype, converted; any strides) into
   // the buffer. A wrong shape, an undefined buffer or a missing src is an Error
@@ -90,8 +98,11 @@ class Buffer {
 // What every layer shares: the training flag.
 class NormLayer {
  public:
+  // True in training mode (the default).
   bool training() const { return training_; }
+  // Training mode (mode = true) or eval mode (false).
   void train(bool mode = true) { training_ = mode; }
+  // Eval mode: running statistics, nothing saved for backward.
   void eval() { train(false); }
 
  protected:
@@ -103,15 +114,20 @@ class LayerNorm : public NormLayer {
  public:
   explicit LayerNorm(Dims normalized_shape, double eps = 1e-5, bool elementwise_affine = true, bool bias = true,
                      DType dtype = DType::float32);
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
   void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
   void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
   void zero_grad();
 
+  // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   double eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
   DType dtype() const { return dtype_; }
-  // Undefined when absent (elementwise_affine=false, bias=false).
+  // Parameters and their gradients (shape normalized_shape, the layer's dtype);
+  // undefined when absent (elementwise_affine=false, bias=false).
   Buffer& weight() { return weight_; }
   Buffer& bias() { return bias_; }
   Buffer& grad_weight() { return grad_weight_; }
@@ -135,14 +151,19 @@ class RMSNorm : public NormLayer {
  public:
   explicit RMSNorm(Dims normalized_shape, std::optional<double> eps = std::nullopt, bool elementwise_affine = true,
                    DType dtype = DType::float32);
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
   void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
   void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
   void zero_grad();
 
+  // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   std::optional<double> eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
   DType dtype() const { return dtype_; }
+  // The weight and its gradient (undefined when elementwise_affine=false).
   Buffer& weight() { return weight_; }
   Buffer& grad_weight() { return grad_weight_; }
 
@@ -174,10 +195,14 @@ class BatchNorm : public NormLayer {
   explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                      bool affine = true, bool track_running_stats = true,
                      std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
   void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
   void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
   void zero_grad();
 
+  // The constructor's arguments.
   std::int64_t num_features() const { return num_features_; }
   double eps() const { return eps_; }
   std::optional<double> momentum() const { return momentum_; }
@@ -185,11 +210,12 @@ class BatchNorm : public NormLayer {
   bool track_running_stats() const { return track_running_stats_; }
   std::optional<Layout> layout() const { return layout_; }
   DType dtype() const { return dtype_; }
+  // Parameters (C) and their gradients; undefined unless affine.
   Buffer& weight() { return weight_; }
   Buffer& bias() { return bias_; }
   Buffer& grad_weight() { return grad_weight_; }
   Buffer& grad_bias() { return grad_bias_; }
-  // Undefined unless track_running_stats.
+  // Running statistics (C), undefined unless track_running_stats; the training-step count.
   Buffer& running_mean() { return running_mean_; }
   Buffer& running_var() { return running_var_; }
   std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
@@ -224,10 +250,14 @@ class InstanceNorm : public NormLayer {
   explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                         bool affine = false, bool track_running_stats = false,
                         std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
   void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
   void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
   void zero_grad();
 
+  // The constructor's arguments.
   std::int64_t num_features() const { return num_features_; }
   double eps() const { return eps_; }
   std::optional<double> momentum() const { return momentum_; }
@@ -235,10 +265,12 @@ class InstanceNorm : public NormLayer {
   bool track_running_stats() const { return track_running_stats_; }
   std::optional<Layout> layout() const { return layout_; }
   DType dtype() const { return dtype_; }
+  // Parameters (C) and their gradients; undefined unless affine.
   Buffer& weight() { return weight_; }
   Buffer& bias() { return bias_; }
   Buffer& grad_weight() { return grad_weight_; }
   Buffer& grad_bias() { return grad_bias_; }
+  // Running statistics (C), undefined unless track_running_stats; the step count (never incremented here).
   Buffer& running_mean() { return running_mean_; }
   Buffer& running_var() { return running_var_; }
   std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
@@ -267,16 +299,21 @@ class GroupNorm : public NormLayer {
  public:
   GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true,
             std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
   void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
   void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
   void zero_grad();
 
+  // The constructor's arguments.
   std::int64_t num_groups() const { return num_groups_; }
   std::int64_t num_channels() const { return num_channels_; }
   double eps() const { return eps_; }
   bool affine() const { return affine_; }
   std::optional<Layout> layout() const { return layout_; }
   DType dtype() const { return dtype_; }
+  // Parameters (C) and their gradients; undefined unless affine.
   Buffer& weight() { return weight_; }
   Buffer& bias() { return bias_; }
   Buffer& grad_weight() { return grad_weight_; }

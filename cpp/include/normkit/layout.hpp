@@ -11,6 +11,7 @@ enum class Layout { NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC };
 
 // Parses "NHWC" etc. (case-sensitive). Throws Error naming `argument`.
 Layout parse_layout(const std::string& name, const char* argument = "layout");
+// "NC", "NCHW", "NHWC", ... (what parse_layout accepts).
 const char* to_string(Layout layout);
 // Number of axes the layout describes (NC: 2, NCHW: 4, ...).
 int layout_rank(Layout layout);

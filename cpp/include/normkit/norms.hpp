@@ -104,13 +104,16 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
 //   training-statistics gradients recentre on the exact mean of x, so a mean of
 //   1e4 with a spread of 1e-2 still gives exact gradients.
 
+// Gradient of layer_norm: dx (and dweight, dbias) from dy, x and the forward's mean/rstd (one per row).
 void layer_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
                          const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
                          const TensorRef& dweight = {}, const TensorRef& dbias = {});
 
+// Gradient of rms_norm: dx (and dweight) from dy, x and the forward's rstd (one per row).
 void rms_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& rstd, const Dims& normalized_shape,
                        const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight = {});
 
+// Gradient of batch_norm: dx (and dweight, dbias).
 // training: mean/rstd are the batch statistics (gradient through them);
 // otherwise they are the running statistics the forward used (dx = dy * weight * rstd).
 // mean, rstd: (C).
@@ -119,6 +122,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& dbias = {}, bool training = true,
                          std::optional<Layout> layout = std::nullopt);
 
+// Gradient of instance_norm: dx (and dweight, dbias).
 // mean, rstd: (N, C) as instance_norm wrote them (the running statistics
 // repeated per sample when use_input_stats was false).
 void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -126,13 +130,14 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
                             const TensorRef& dbias = {}, bool use_input_stats = true,
                             std::optional<Layout> layout = std::nullopt);
 
-// mean, rstd: (N, num_groups).
+// Gradient of group_norm: dx (and dweight, dbias). mean, rstd: (N, num_groups).
 void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
                          std::int64_t num_groups, const TensorRef& weight, const TensorRef& dx,
                          const TensorRef& dweight = {}, const TensorRef& dbias = {},
                          std::optional<Layout> layout = std::nullopt);
 
-// Adaptive instance norm: x's statistics are recomputed (the forward saves none).
+// Gradient of adaptive_instance_norm: dx (and the style's gradient); x's
+// statistics are recomputed (the forward saves none).
 // From a style feature map: dstyle (optional) has style's shape and dtype.
 void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
                                      const TensorRef& dx, const TensorRef& dstyle = {},
