@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need, builds and installs
-# normkit, then runs the Python tests (pytest), builds and runs the C++ example
-# against the installed C++ package, and runs the C++ tests (GoogleTest, via
-# ctest). Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
+# normkit, then runs the Python tests (pytest), checks the wheel (build,
+# auditwheel repair, fresh venv, smoke test), builds and runs the C++ example
+# against the installed C++ package, checks the package's CMake errors, and runs
+# the C++ tests (GoogleTest, via ctest).
+# Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -38,6 +40,11 @@ fi
 # --- Python tests (run from outside the source tree: test the installed package) --
 step "Python tests"
 (cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider python)
+
+# --- the wheel: pip wheel, auditwheel repair (manylinux, libgomp bundled), fresh venv,
+# smoke test of every norm on every kernel path (scripts/check_wheel.sh) -----------
+step "wheel: build, auditwheel repair, install into a fresh venv, smoke test"
+PYTHON="$PYTHON" JOBS="$JOBS" bash scripts/check_wheel.sh
 
 # --- C++ tests -----------------------------------------------------------------
 step "building the C++ library and its tests"
