@@ -77,6 +77,14 @@ void check_dy_dx_rows(const TensorRef& dy, const TensorRef& x, const TensorRef& 
   if (!core::same_memory(dy, dx)) core::check_no_partial_overlap(dy, dx, "dx", "dy");
 }
 
+// dweight and dbias are both written: they must not share any memory.
+void check_separate(const TensorRef& dweight, const TensorRef& dbias) {
+  if (!dweight.given || !dbias.given) return;
+  if (dweight.data == dbias.data && dweight.numel() > 0)
+    core::fail_value("dbias: must not be the same memory as dweight");
+  core::check_no_partial_overlap(dweight, dbias, "dbias", "dweight");
+}
+
 // ---- rows norms ---------------------------------------------------------------
 
 void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
@@ -101,7 +109,7 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
     const DType want = (!weight.given && is_16bit(x.dtype) && out->dtype == x.dtype) ? x.dtype : param_dtype;
     core::check_param(*out, name, normalized_shape, want);
   }
-  if (dweight.given && dbias.given) core::check_no_partial_overlap(dweight, dbias, "dbias", "dweight");
+  check_separate(dweight, dbias);
 
   const std::int64_t rows = f.rows, cols = f.cols;
   if (rows == 0 || cols == 0) {
@@ -177,6 +185,7 @@ ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, 
   plan::check_channel_param(weight, "weight", g.c, x.dtype);
   plan::check_channel_param(dweight, "dweight", g.c, x.dtype);
   plan::check_channel_param(dbias, "dbias", g.c, x.dtype);
+  check_separate(dweight, dbias);
   return g;
 }
 
@@ -400,9 +409,7 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          std::int64_t num_groups, const TensorRef& weight, const TensorRef& dx,
                          const TensorRef& dweight, const TensorRef& dbias, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  if (num_groups <= 0 || g.c % num_groups != 0)
-    core::fail_value("num_groups: must be a positive divisor of the number of channels C=" + std::to_string(g.c) +
-                     ", got " + std::to_string(num_groups));
+  plan::check_num_groups(num_groups, g.c);
   check_stats(mean, rstd, g.n * num_groups, x.dtype);
   if (x.numel() == 0) {
     write_zeros(dweight);
@@ -446,17 +453,8 @@ ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, co
 void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
                                      const TensorRef& dx, const TensorRef& dstyle, std::optional<Layout> layout) {
   const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
-  core::check_given(style, "style");
-  if (style.shape.size() != x.shape.size())
-    core::fail_value("style: expected a feature map of rank " + std::to_string(x.shape.size()) +
-                     " like x (layout " + to_string(g.layout) + "), got shape " + style.shape.to_string());
-  const ChannelGeometry gs = plan::channel_geometry(style, g.layout, "style");
-  if (gs.n != g.n || gs.c != g.c)
-    core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
-                     " like x, got shape " + style.shape.to_string());
-  if (style.dtype != x.dtype)
-    core::fail_type("style: expected dtype " + std::string(to_string(x.dtype)) + " like x, got " +
-                    to_string(style.dtype));
+  const ChannelGeometry gs = plan::style_geometry(x, g, style);
+  if (gs.s < 1 && x.numel() > 0) core::fail_value("style: has no spatial elements");  // as the forward
   if (dstyle.given) {
     plan::check_output_like(style, dstyle, "dstyle");
     core::check_no_partial_overlap(dx, dstyle, "dstyle", "dx");

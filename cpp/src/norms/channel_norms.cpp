@@ -240,9 +240,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
   const ChannelGeometry g = plan::channel_geometry(x, layout);
   plan::check_output_like(x, y);
   core::check_eps(eps);
-  if (num_groups <= 0 || g.c % num_groups != 0)
-    core::fail_value("num_groups: must be a positive divisor of the number of channels C=" + std::to_string(g.c) +
-                     ", got " + std::to_string(num_groups));
+  plan::check_num_groups(num_groups, g.c);
   check_affine(weight, bias, g.c, x.dtype);
   if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
   if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
@@ -302,17 +300,7 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
   const ChannelGeometry g = plan::channel_geometry(x, layout);
   plan::check_output_like(x, y);
   core::check_eps(eps);
-  core::check_given(style, "style");
-  if (style.shape.size() != x.shape.size())
-    core::fail_value("style: expected a feature map of rank " + std::to_string(x.shape.size()) +
-                     " like x (layout " + to_string(g.layout) + "), got shape " + style.shape.to_string());
-  const ChannelGeometry gs = plan::channel_geometry(style, g.layout, "style");
-  if (gs.n != g.n || gs.c != g.c)
-    core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
-                     " like x, got shape " + style.shape.to_string());
-  if (style.dtype != x.dtype)
-    core::fail_type(std::string("style: expected dtype ") + to_string(x.dtype) + " like x, got " +
-                    to_string(style.dtype));
+  const ChannelGeometry gs = plan::style_geometry(x, g, style);
   if (gs.s < 1 && style.numel() == 0 && x.numel() > 0)
     core::fail_value("style: has no spatial elements");
   if (x.numel() == 0) return;

@@ -116,6 +116,27 @@ ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layou
   return g;
 }
 
+void check_num_groups(std::int64_t num_groups, std::int64_t channels) {
+  if (num_groups <= 0 || channels % num_groups != 0 || num_groups > std::max<std::int64_t>(channels, 1))
+    core::fail_value("num_groups: must be a positive divisor of the number of channels C=" + std::to_string(channels) +
+                     ", got " + std::to_string(num_groups));
+}
+
+ChannelGeometry style_geometry(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style) {
+  core::check_given(style, "style");
+  if (style.shape.size() != x.shape.size())
+    core::fail_value("style: expected a feature map of rank " + std::to_string(x.shape.size()) +
+                     " like x (layout " + to_string(g.layout) + "), got shape " + style.shape.to_string());
+  const ChannelGeometry gs = channel_geometry(style, g.layout, "style");
+  if (gs.n != g.n || gs.c != g.c)
+    core::fail_value("style: expected N=" + std::to_string(g.n) + " and C=" + std::to_string(g.c) +
+                     " like x, got shape " + style.shape.to_string());
+  if (style.dtype != x.dtype)
+    core::fail_type(std::string("style: expected dtype ") + to_string(x.dtype) + " like x, got " +
+                    to_string(style.dtype));
+  return gs;
+}
+
 void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name) {
   core::check_given(y, y_name);
   if (y.shape != x.shape)

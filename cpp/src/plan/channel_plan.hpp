@@ -27,6 +27,14 @@ struct ChannelGeometry {
 // and that x is contiguous; `x_name` names x in errors.
 ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layout, const char* x_name = "x");
 
+// num_groups must be a positive divisor of C and at most max(C, 1) (with C = 0
+// only 1 group: larger counts would only size empty statistics, and overflow).
+void check_num_groups(std::int64_t num_groups, std::int64_t channels);
+
+// A style feature map for AdaIN: x's rank, layout, N, C and dtype, contiguous,
+// any spatial size. Returns its geometry.
+ChannelGeometry style_geometry(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style);
+
 // y must match x: shape, dtype, contiguous, and not overlap it unless it is x.
 void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name = "y");
 
