@@ -2,8 +2,8 @@
 # The whole test suite: installs what the tests need, builds and installs
 # normkit, then runs the Python tests (pytest), checks the wheel (build,
 # auditwheel repair, fresh venv, smoke test), builds and runs the C++ example
-# against the installed C++ package, checks the package's CMake errors, and runs
-# the C++ tests (GoogleTest, via ctest).
+# against the installed C++ package, checks the package's CMake errors, runs
+# the C++ tests (GoogleTest, via ctest) and fuzzes the C++ entry points.
 # Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,3 +66,8 @@ bash tests/cmake/check_consumer_errors.sh build/cpp-install
 
 step "C++ tests"
 ctest --test-dir build/cpp-tests --output-on-failure
+
+# --- fuzzing: libFuzzer + ASan/UBSan over the C++ entry points (clang installed when
+# possible, else skipped with a NOTE); corpus in build/fuzz/corpus, outside the repo -----
+step "fuzzing the C++ entry points (${FUZZ_SECONDS:-90}s)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-90} JOBS="$JOBS" bash scripts/fuzz.sh
