@@ -3,7 +3,8 @@
 # normkit, then runs the Python tests (pytest), checks the wheel (build,
 # auditwheel repair, fresh venv, smoke test), builds and runs the C++ example
 # against the installed C++ package, checks the package's CMake errors, runs
-# the C++ tests (GoogleTest, via ctest) and fuzzes the C++ entry points.
+# the C++ tests (GoogleTest, via ctest), runs them again under ASan+UBSan and
+# TSan, and fuzzes the C++ entry points.
 # Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,9 @@ bash tests/cmake/check_consumer_errors.sh build/cpp-install
 
 step "C++ tests"
 ctest --test-dir build/cpp-tests --output-on-failure
+
+step "C++ sanitizers: ASan+UBSan (whole C++ suite, leak check) and TSan (every norm from several threads, OpenMP inside)"
+JOBS="$JOBS" bash scripts/sanitizers.sh
 
 # --- fuzzing: libFuzzer + ASan/UBSan over the C++ entry points (clang installed when
 # possible, else skipped with a NOTE); corpus in build/fuzz/corpus, outside the repo -----
