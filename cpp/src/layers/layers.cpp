@@ -291,6 +291,30 @@ void RMSNorm::zero_grad() { grad_weight_.fill(0.0); }
 
 // ---- BatchNorm ------------------------------------------------------------------
 
+namespace {
+
+// What BatchNorm and InstanceNorm check of their constructor arguments.
+void check_running_layer(std::int64_t num_features, double eps, const std::optional<double>& momentum,
+                         const std::optional<Layout>& layout, DType dtype) {
+  check_positive(num_features, "num_features");
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_dtype(dtype);
+  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
+}
+
+// Per-channel weight (ones), bias (zeros) and their gradients, when affine.
+void make_channel_affine(bool affine, DType dtype, std::int64_t channels, Buffer& weight, Buffer& bias,
+                         Buffer& grad_weight, Buffer& grad_bias) {
+  const Dims c{channels};
+  weight = make_param(affine, dtype, c, 1.0);
+  bias = make_param(affine, dtype, c, 0.0);
+  grad_weight = make_param(affine, dtype, c, 0.0);
+  grad_bias = make_param(affine, dtype, c, 0.0);
+}
+
+}  // namespace
+
 BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
                      bool track_running_stats, std::optional<Layout> layout, DType dtype)
     : num_features_(num_features),
@@ -300,18 +324,10 @@ BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double
       track_running_stats_(track_running_stats),
       layout_(layout),
       dtype_(dtype) {
-  check_positive(num_features, "num_features");
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_dtype(dtype);
-  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
-  const Dims c{num_features};
-  weight_ = make_param(affine, dtype, c, 1.0);
-  bias_ = make_param(affine, dtype, c, 0.0);
-  grad_weight_ = make_param(affine, dtype, c, 0.0);
-  grad_bias_ = make_param(affine, dtype, c, 0.0);
-  running_mean_ = make_param(track_running_stats, dtype, c, 0.0);
-  running_var_ = make_param(track_running_stats, dtype, c, 1.0);
+  check_running_layer(num_features, eps, momentum, layout, dtype);
+  make_channel_affine(affine, dtype, num_features, weight_, bias_, grad_weight_, grad_bias_);
+  running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
+  running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
 }
 
 void BatchNorm::forward(const TensorRef& x, const TensorRef& y) {
@@ -373,18 +389,10 @@ InstanceNorm::InstanceNorm(std::int64_t num_features, double eps, std::optional<
       track_running_stats_(track_running_stats),
       layout_(layout),
       dtype_(dtype) {
-  check_positive(num_features, "num_features");
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_dtype(dtype);
-  if (layout) layout_rank(*layout);
-  const Dims c{num_features};
-  weight_ = make_param(affine, dtype, c, 1.0);
-  bias_ = make_param(affine, dtype, c, 0.0);
-  grad_weight_ = make_param(affine, dtype, c, 0.0);
-  grad_bias_ = make_param(affine, dtype, c, 0.0);
-  running_mean_ = make_param(track_running_stats, dtype, c, 0.0);
-  running_var_ = make_param(track_running_stats, dtype, c, 1.0);
+  check_running_layer(num_features, eps, momentum, layout, dtype);
+  make_channel_affine(affine, dtype, num_features, weight_, bias_, grad_weight_, grad_bias_);
+  running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
+  running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
 }
 
 void InstanceNorm::forward(const TensorRef& x, const TensorRef& y) {
@@ -450,11 +458,7 @@ GroupNorm::GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double 
   core::check_eps(eps);
   check_dtype(dtype);
   if (layout) layout_rank(*layout);
-  const Dims c{num_channels};
-  weight_ = make_param(affine, dtype, c, 1.0);
-  bias_ = make_param(affine, dtype, c, 0.0);
-  grad_weight_ = make_param(affine, dtype, c, 0.0);
-  grad_bias_ = make_param(affine, dtype, c, 0.0);
+  make_channel_affine(affine, dtype, num_channels, weight_, bias_, grad_weight_, grad_bias_);
 }
 
 void GroupNorm::forward(const TensorRef& x, const TensorRef& y) {
