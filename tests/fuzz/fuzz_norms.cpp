@@ -50,7 +50,8 @@
 //        - running statistics (BatchNorm eval, InstanceNorm without input
 //          stats): min(running_var) + eps > 0 (in double), R = 1/sqrt of it;
 //          a negative running variance is not a finite input's variance.
-//        - backward: R = max |rstd given|.
+//        - backward: R = max |rstd given|; the sums of x - mean given (which
+//          refine a rounded saved mean) must fit the accumulation type too.
 //     c. a bound on every output's magnitude, computed from the maxima of the
 //        inputs (X = max|x|, D = max|dy|, W = max|weight| or 1, B = max|bias|,
 //        M = elements per statistic, ...) - e.g. forward |y| <= |xhat|*W + B,
@@ -1106,6 +1107,9 @@ int run_one(const std::uint8_t* data, std::size_t size) {
         const double xh = xc * Rs;
         const double g = D * W;
         bounds.out(Rs * W, acc_dt);  // weight * rstd, folded
+        // sum(x - mean) over a group, in the accumulation type (it refines the
+        // saved mean; it needs no dy, so dy = 0 does not excuse it).
+        bounds.out(xc, acc_dt);
         const bool constant_stats = kind == k_bn_eval_bw || kind == k_in_running_bw;
         const double dx = constant_stats ? g * Rs : Rs * (2 * g + xh * g * xh) + Rs * Rs * xc * g * xh;
         // Elements summed into one weight-gradient entry.
