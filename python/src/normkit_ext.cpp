@@ -36,7 +36,10 @@ NB_MODULE(_ext, m) {
     try {
       std::rethrow_exception(p);
     } catch (const normkit::Error& e) {
-      PyErr_SetString(e.kind() == normkit::ErrorKind::type ? PyExc_TypeError : PyExc_ValueError, e.what());
+      PyObject* type = e.kind() == normkit::ErrorKind::type      ? PyExc_TypeError
+                       : e.kind() == normkit::ErrorKind::runtime ? PyExc_RuntimeError
+                                                                 : PyExc_ValueError;
+      PyErr_SetString(type, e.what());
     }
   });
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "norms/checks.hpp"
 #include "kernels/kernel_api.hpp"
 #include "normkit/norms.hpp"
 #include "plan/channel_plan.hpp"
@@ -85,11 +86,15 @@ void check_separate(const TensorRef& dweight, const TensorRef& dbias) {
   core::check_no_partial_overlap(dweight, dbias, "dbias", "dweight");
 }
 
-// ---- rows norms ---------------------------------------------------------------
+}  // namespace
 
-void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
-                   const TensorRef& rstd, const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
-                   const TensorRef& dweight, const TensorRef& dbias) {
+namespace norms {
+
+kernels::RowsForward check_rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef& x,
+                                         const TensorRef& mean, const TensorRef& rstd,
+                                         const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
+                                         const TensorRef& dweight, const TensorRef& dbias,
+                                         std::int64_t& dy_row_stride) {
   // The forward's planner validates x, dx (as its y), normalized_shape, weight
   // and the statistics' counts and dtype, and gives the row geometry.
   const kernels::RowsForward f = plan::plan_rows_forward(norm, x, dx, normalized_shape, weight, TensorRef{}, 1.0,
@@ -102,6 +107,7 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
   if (!plan::as_rows(dy, normalized_shape.size(), dyv))
     core::fail_value("dy: the normalized dims must be contiguous and the leading dims must collapse to one stride; "
                      "pass a contiguous copy");
+  dy_row_stride = dyv.row_stride;
   const DType param_dtype = weight.given ? weight.dtype : (is_16bit(x.dtype) ? DType::float32 : x.dtype);
   for (const auto* out : {&dweight, &dbias}) {
     if (!out->given) continue;
@@ -110,7 +116,74 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
     core::check_param(*out, name, normalized_shape, want);
   }
   check_separate(dweight, dbias);
+  return f;
+}
 
+// Validates what every channel-norm backward shares and returns x's geometry.
+ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                       std::optional<Layout> layout, const TensorRef& weight,
+                                       const TensorRef& dweight, const TensorRef& dbias) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  core::check_given(dy, "dy");
+  plan::check_output_like(x, dy, "dy");
+  plan::check_output_like(x, dx, "dx");
+  if (!core::same_memory(dy, dx)) core::check_no_partial_overlap(dy, dx, "dx", "dy");
+  plan::check_channel_param(weight, "weight", g.c, x.dtype);
+  plan::check_channel_param(dweight, "dweight", g.c, x.dtype);
+  plan::check_channel_param(dbias, "dbias", g.c, x.dtype);
+  check_separate(dweight, dbias);
+  return g;
+}
+
+void check_backward_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype) {
+  core::check_stats_output(mean, "mean", count, stats_dtype(x_dtype));
+  core::check_stats_output(rstd, "rstd", count, stats_dtype(x_dtype));
+}
+
+ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, double eps,
+                                     std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, TensorRef{}, TensorRef{}, TensorRef{});
+  core::check_eps(eps);
+  if (x.numel() > 0 && g.s <= 1)
+    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
+  return g;
+}
+
+ChannelGeometry check_adain_backward_map(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style,
+                                         const TensorRef& dx, const TensorRef& dstyle) {
+  const ChannelGeometry gs = plan::style_geometry(x, g, style);
+  if (gs.s < 1 && x.numel() > 0) core::fail_value("style: has no spatial elements");  // as the forward
+  if (dstyle.given) {
+    plan::check_output_like(style, dstyle, "dstyle");
+    core::check_no_partial_overlap(dx, dstyle, "dstyle", "dx");
+  }
+  return gs;
+}
+
+void check_adain_backward_stats(const ChannelGeometry& g, DType x_dtype, const TensorRef& style_mean,
+                                const TensorRef& style_std, const TensorRef& dstyle_mean,
+                                const TensorRef& dstyle_std) {
+  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x_dtype;
+  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
+  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  if (dstyle_mean.given) core::check_param(dstyle_mean, "dstyle_mean", Dims{g.n, g.c}, pd);
+  if (dstyle_std.given) core::check_param(dstyle_std, "dstyle_std", Dims{g.n, g.c}, pd);
+}
+
+}  // namespace norms
+
+namespace {
+
+using namespace norms;
+
+// ---- rows norms ---------------------------------------------------------------
+
+void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
+                   const TensorRef& rstd, const Dims& normalized_shape, const TensorRef& weight, const TensorRef& dx,
+                   const TensorRef& dweight, const TensorRef& dbias) {
+  plan::RowsView dyv;
+  const kernels::RowsForward f = norms::check_rows_backward(norm, dy, x, mean, rstd, normalized_shape, weight, dx,
+                                                            dweight, dbias, dyv.row_stride);
   const std::int64_t rows = f.rows, cols = f.cols;
   if (rows == 0 || cols == 0) {
     write_zeros(dweight);
@@ -172,27 +245,6 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
 }
 
 // ---- channel norms ---------------------------------------------------------------
-
-// Validates what every channel-norm backward shares and returns x's geometry.
-ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
-                                       std::optional<Layout> layout, const TensorRef& weight,
-                                       const TensorRef& dweight, const TensorRef& dbias) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  core::check_given(dy, "dy");
-  plan::check_output_like(x, dy, "dy");
-  plan::check_output_like(x, dx, "dx");
-  if (!core::same_memory(dy, dx)) core::check_no_partial_overlap(dy, dx, "dx", "dy");
-  plan::check_channel_param(weight, "weight", g.c, x.dtype);
-  plan::check_channel_param(dweight, "dweight", g.c, x.dtype);
-  plan::check_channel_param(dbias, "dbias", g.c, x.dtype);
-  check_separate(dweight, dbias);
-  return g;
-}
-
-void check_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype) {
-  core::check_stats_output(mean, "mean", count, stats_dtype(x_dtype));
-  core::check_stats_output(rstd, "rstd", count, stats_dtype(x_dtype));
-}
 
 double weight_at(const TensorRef& weight, std::int64_t c) {
   return weight.given ? plan::read_element(weight, c) : 1.0;
@@ -332,7 +384,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
                          const TensorRef& dbias, bool training, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  check_stats(mean, rstd, g.c, x.dtype);
+  check_backward_stats(mean, rstd, g.c, x.dtype);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -375,7 +427,7 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
                             const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
                             const TensorRef& dbias, bool use_input_stats, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  check_stats(mean, rstd, g.n * g.c, x.dtype);
+  check_backward_stats(mean, rstd, g.n * g.c, x.dtype);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -410,7 +462,7 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& dweight, const TensorRef& dbias, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
   plan::check_num_groups(num_groups, g.c);
-  check_stats(mean, rstd, g.n * num_groups, x.dtype);
+  check_backward_stats(mean, rstd, g.n * num_groups, x.dtype);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -439,26 +491,12 @@ AffineGrads adain_backward(const TensorRef& dy, const TensorRef& x, const Tensor
   return per_sample_backward(dy, x, dx, g, g.c, m.mean, rstd, style_std);
 }
 
-ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, double eps,
-                                     std::optional<Layout> layout) {
-  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, TensorRef{}, TensorRef{}, TensorRef{});
-  core::check_eps(eps);
-  if (x.numel() > 0 && g.s <= 1)
-    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
-  return g;
-}
-
 }  // namespace
 
 void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
                                      const TensorRef& dx, const TensorRef& dstyle, std::optional<Layout> layout) {
   const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
-  const ChannelGeometry gs = plan::style_geometry(x, g, style);
-  if (gs.s < 1 && x.numel() > 0) core::fail_value("style: has no spatial elements");  // as the forward
-  if (dstyle.given) {
-    plan::check_output_like(style, dstyle, "dstyle");
-    core::check_no_partial_overlap(dx, dstyle, "dstyle", "dx");
-  }
+  const ChannelGeometry gs = check_adain_backward_map(x, g, style, dx, dstyle);
   if (x.numel() == 0 || style.numel() == 0) {
     write_zeros(dstyle);
     return;
@@ -484,11 +522,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
                                      const TensorRef& dstyle_mean, const TensorRef& dstyle_std,
                                      std::optional<Layout> layout) {
   const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
-  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
-  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
-  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
-  if (dstyle_mean.given) core::check_param(dstyle_mean, "dstyle_mean", Dims{g.n, g.c}, pd);
-  if (dstyle_std.given) core::check_param(dstyle_std, "dstyle_std", Dims{g.n, g.c}, pd);
+  check_adain_backward_stats(g, x.dtype, style_mean, style_std, dstyle_mean, dstyle_std);
   if (x.numel() == 0) {
     write_zeros(dstyle_mean);
     write_zeros(dstyle_std);

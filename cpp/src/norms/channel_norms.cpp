@@ -11,26 +11,21 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "norms/checks.hpp"
 #include "normkit/norms.hpp"
 #include "plan/channel_plan.hpp"
 
 namespace normkit {
 
-namespace {
-
 using plan::ChannelGeometry;
-using plan::Moments;
 
-double param_or(const TensorRef& t, std::int64_t i, double fallback) {
-  return t.given ? plan::read_element(t, i) : fallback;
-}
+namespace norms {
 
 void check_momentum(double momentum) {
   if (!std::isfinite(momentum))
     core::fail_value("momentum: must be a finite number, got " + std::to_string(momentum));
 }
 
-// The dtype weight and bias share (validated): x's, or float32 for 16-bit x.
 DType param_dtype(const TensorRef& weight, const TensorRef& bias, DType x_dtype) {
   const TensorRef* first = weight.given ? &weight : (bias.given ? &bias : nullptr);
   if (first && (x_dtype == DType::float16 || x_dtype == DType::bfloat16) && first->dtype == DType::float32)
@@ -42,6 +37,92 @@ void check_affine(const TensorRef& weight, const TensorRef& bias, std::int64_t c
   const DType pd = param_dtype(weight, bias, x_dtype);
   if (weight.given) core::check_param(weight, "weight", Dims{channels}, pd);
   if (bias.given) core::check_param(bias, "bias", Dims{channels}, pd);
+}
+
+void require_running(const TensorRef& t, const char* name, const char* when) {
+  if (!t.given) core::fail_value(std::string(name) + ": required " + when);
+}
+
+ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
+                                   const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
+                                   double momentum, double eps, std::optional<Layout> layout,
+                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_affine(weight, bias, g.c, x.dtype);
+  plan::check_running_stat(running_mean, "running_mean", g.c, x.dtype);
+  plan::check_running_stat(running_var, "running_var", g.c, x.dtype);
+  if (running_mean.given != running_var.given)
+    core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
+                     ": running_mean and running_var must be given together");
+  const std::int64_t stats = stats_per_sample ? g.n * g.c : g.c;
+  if (mean.given) core::check_stats_output(mean, "mean", stats, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", stats, stats_dtype(x.dtype));
+  return g;
+}
+
+void check_batch_statistics(const TensorRef& x, const ChannelGeometry& g) {
+  if (g.n * g.s == 1)
+    core::fail_value("x: expected more than 1 value per channel when training, got input of shape " +
+                     x.shape.to_string());
+}
+
+void check_instance_statistics(const TensorRef& x, const ChannelGeometry& g) {
+  if (g.s == 1 && x.numel() > 0)
+    core::fail_value("x: expected more than 1 spatial element when training, got input of shape " +
+                     x.shape.to_string());
+}
+
+ChannelGeometry check_group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
+                                 const TensorRef& weight, const TensorRef& bias, double eps,
+                                 std::optional<Layout> layout, const TensorRef& mean, const TensorRef& rstd) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  plan::check_num_groups(num_groups, g.c);
+  check_affine(weight, bias, g.c, x.dtype);
+  if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
+  if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
+  return g;
+}
+
+void check_adain_spatial(const TensorRef& x, const ChannelGeometry& g) {
+  if (x.numel() > 0 && g.s <= 1)
+    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
+}
+
+AdainStyleMap check_adain_style_map(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps,
+                                    std::optional<Layout> layout) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  const ChannelGeometry gs = plan::style_geometry(x, g, style);
+  if (gs.s < 1 && style.numel() == 0 && x.numel() > 0) core::fail_value("style: has no spatial elements");
+  return {g, gs};
+}
+
+ChannelGeometry check_adain_style_stats(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
+                                        const TensorRef& style_std, double eps, std::optional<Layout> layout) {
+  const ChannelGeometry g = plan::channel_geometry(x, layout);
+  plan::check_output_like(x, y);
+  core::check_eps(eps);
+  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
+  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
+  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  return g;
+}
+
+}  // namespace norms
+
+namespace {
+
+using namespace norms;
+using plan::Moments;
+
+double param_or(const TensorRef& t, std::int64_t i, double fallback) {
+  return t.given ? plan::read_element(t, i) : fallback;
 }
 
 std::vector<double> rstd_of(const std::vector<double>& var, double eps) {
@@ -75,10 +156,6 @@ void apply_running(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, nullptr);
 }
 
-void require_running(const TensorRef& t, const char* name, const char* when) {
-  if (!t.given) core::fail_value(std::string(name) + ": required " + when);
-}
-
 // An empty x (any of N, C or S is 0) has nothing to normalize: statistics
 // outputs get NaN (0/0) and running statistics stay as they are, as in PyTorch.
 // Call after validation. Returns true when x was empty.
@@ -88,28 +165,6 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
     if (t->given)
       for (std::int64_t i = 0; i < t->numel(); ++i) plan::write_element(*t, i, std::nan(""));
   return true;
-}
-
-// Validates the arguments BatchNorm and InstanceNorm share; statistics
-// outputs hold C (per channel) or N*C (per sample) entries.
-ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
-                                   const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
-                                   double momentum, double eps, std::optional<Layout> layout,
-                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_affine(weight, bias, g.c, x.dtype);
-  plan::check_running_stat(running_mean, "running_mean", g.c, x.dtype);
-  plan::check_running_stat(running_var, "running_var", g.c, x.dtype);
-  if (running_mean.given != running_var.given)
-    core::fail_value(std::string(running_mean.given ? "running_var" : "running_mean") +
-                     ": running_mean and running_var must be given together");
-  const std::int64_t stats = stats_per_sample ? g.n * g.c : g.c;
-  if (mean.given) core::check_stats_output(mean, "mean", stats, stats_dtype(x.dtype));
-  if (rstd.given) core::check_stats_output(rstd, "rstd", stats, stats_dtype(x.dtype));
-  return g;
 }
 
 // Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
@@ -164,9 +219,7 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
     apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
   } else {
     const std::int64_t count = g.n * g.s;
-    if (count == 1)
-      core::fail_value("x: expected more than 1 value per channel when training, got input of shape " +
-                       x.shape.to_string());
+    check_batch_statistics(x, g);
     if (finish_if_empty(x, mean, rstd)) return;
     const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
     mean_c = m.mean;
@@ -203,9 +256,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
       rstd_nc.insert(rstd_nc.end(), rstd_c.begin(), rstd_c.end());
     }
   } else {
-    if (g.s == 1 && x.numel() > 0)
-      core::fail_value("x: expected more than 1 spatial element when training, got input of shape " +
-                       x.shape.to_string());
+    check_instance_statistics(x, g);
     if (finish_if_empty(x, mean, rstd)) return;
     Moments m;
     if (!g.channels_last) {
@@ -237,13 +288,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
 void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups, const TensorRef& weight,
                 const TensorRef& bias, double eps, std::optional<Layout> layout, const TensorRef& mean,
                 const TensorRef& rstd) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
-  core::check_eps(eps);
-  plan::check_num_groups(num_groups, g.c);
-  check_affine(weight, bias, g.c, x.dtype);
-  if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
-  if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
+  const ChannelGeometry g = check_group_norm(x, y, num_groups, weight, bias, eps, layout, mean, rstd);
   if (finish_if_empty(x, mean, rstd)) return;
 
   Moments m;
@@ -264,8 +309,7 @@ namespace {
 void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g,
                  const std::vector<double>& style_mean, const std::vector<double>& style_std, double eps) {
   if (x.numel() == 0) return;
-  if (g.s <= 1)
-    core::fail_value("x: expected more than 1 spatial element, got input of shape " + x.shape.to_string());
+  check_adain_spatial(x, g);
   if (!g.channels_last) {
     // One fused pass: per (sample, channel) row, weight = style std, bias = style mean.
     const DType table_dtype = x.dtype == DType::float64 ? DType::float64 : DType::float32;
@@ -297,12 +341,7 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
 
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps,
                             std::optional<Layout> layout) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
-  core::check_eps(eps);
-  const ChannelGeometry gs = plan::style_geometry(x, g, style);
-  if (gs.s < 1 && style.numel() == 0 && x.numel() > 0)
-    core::fail_value("style: has no spatial elements");
+  const auto [g, gs] = check_adain_style_map(x, y, style, eps, layout);
   if (x.numel() == 0) return;
   const Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
   std::vector<double> style_std(ms.var.size());
@@ -312,12 +351,7 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
 
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
                             const TensorRef& style_std, double eps, std::optional<Layout> layout) {
-  const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
-  core::check_eps(eps);
-  const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
-  core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
-  core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  const ChannelGeometry g = check_adain_style_stats(x, y, style_mean, style_std, eps, layout);
   if (x.numel() == 0) return;
   std::vector<double> mean(g.n * g.c), std_(g.n * g.c);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) {
