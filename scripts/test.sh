@@ -3,8 +3,9 @@
 # normkit, then runs the Python tests (pytest), checks the wheel (build,
 # auditwheel repair, fresh venv, smoke test), builds and runs the C++ example
 # against the installed C++ package, checks the package's CMake errors, runs
-# the C++ tests (GoogleTest, via ctest), runs them again under ASan+UBSan and
-# TSan, and fuzzes the C++ entry points.
+# the C++ tests (GoogleTest, via ctest), builds the CUDA backend with nvcc and
+# runs its host-side tests, runs the C++ tests again under ASan+UBSan and TSan,
+# and fuzzes the C++ entry points.
 # Usage: bash scripts/test.sh   (from anywhere; exits non-zero on failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,11 @@ bash tests/cmake/check_consumer_errors.sh build/cpp-install
 
 step "C++ tests"
 ctest --test-dir build/cpp-tests --output-on-failure
+
+# --- the CUDA backend: compiled and linked with nvcc (no GPU needed), its host-side
+# checks run; its GPU suite runs where there is a GPU (scripts/cuda_build.sh) --------
+step "CUDA build (-DNORMKIT_CUDA=ON): compile, link, host-side tests"
+PYTHON="$PYTHON" JOBS="$JOBS" bash scripts/cuda_build.sh
 
 step "C++ sanitizers: ASan+UBSan (whole C++ suite, leak check) and TSan (every norm from several threads, OpenMP inside)"
 JOBS="$JOBS" bash scripts/sanitizers.sh

@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from . import _ext
+from . import _cuda, _ext
 from ._channels import _channel_input, _layout
 from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps, _rows_input
@@ -58,8 +58,10 @@ def _param_grads(weight, shape, with_bias=True):
     return np.empty(shape, dtype=weight.dtype), (np.empty(shape, dtype=weight.dtype) if with_bias else None)
 
 
-def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None):
+def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, stream=None):
     """Gradient of ``layer_norm``: returns ``(dx, dweight, dbias)``."""
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight, stream)
     x, shape, bf16, _ = _rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
     mean, rstd = _saved(mean, "mean", x.dtype), _saved(rstd, "rstd", x.dtype)
@@ -72,8 +74,10 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None):
     return dx, dweight, dbias
 
 
-def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None):
+def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, stream=None):
     """Gradient of ``rms_norm``: returns ``(dx, dweight)``."""
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.rms_norm_backward(dy, x, rstd, normalized_shape, weight, stream)
     x, shape, bf16, _ = _rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
     rstd = _saved(rstd, "rstd", x.dtype)
@@ -97,21 +101,25 @@ def _channel_backward_args(dy, x, mean, rstd, weight):
     return dy, x, bf16, mean, rstd, weight, dx, dweight, dbias
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None):
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None, stream=None):
     """Gradient of ``batch_norm``: returns ``(dx, dweight, dbias)``.
 
     ``training=True``: through the batch statistics (``mean``, ``rstd`` from the
     training forward); ``training=False``: the running statistics were constants
     (``dx = dy * weight * rstd``).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.batch_norm_backward(dy, x, mean, rstd, weight, training, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.batch_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
                              kernel_view(dweight), kernel_view(dbias), bool(training), _layout(layout), bf16)
     return dx, dweight, dbias
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, layout=None):
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, layout=None, stream=None):
     """Gradient of ``instance_norm``: returns ``(dx, dweight, dbias)``; mean/rstd of shape (N, C)."""
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.instance_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
                                 kernel_view(dweight), kernel_view(dbias), bool(use_input_stats), _layout(layout),
@@ -119,8 +127,10 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
     return dx, dweight, dbias
 
 
-def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=None):
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=None, stream=None):
     """Gradient of ``group_norm``: returns ``(dx, dweight, dbias)``; mean/rstd of shape (N, num_groups)."""
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.group_norm_backward(dy, x, mean, rstd, num_groups, weight, layout, stream)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
@@ -129,13 +139,15 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=No
     return dx, dweight, dbias
 
 
-def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None):
+def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None, stream=None):
     """Gradient of ``adaptive_instance_norm``: returns ``(dx, dstyle)``.
 
     For a style feature map, ``dstyle`` has its shape (through its mean and
     std); for a ``(mean, std)`` pair, ``dstyle`` is the pair ``(dmean, dstd)``.
     x's statistics are recomputed (the forward saves none).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.adaptive_instance_norm_backward(dy, x, style, eps, layout, stream)
     x, bf16 = _channel_input(as_input(x, "x"))
     dy = _like_x(dy, x)
     eps = _eps(eps)

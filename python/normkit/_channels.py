@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import _ext
+from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps
 
@@ -55,6 +55,7 @@ def _running(stat, name, x_dtype, updated):
     if stat is None:
         return None
     if not isinstance(stat, np.ndarray):
+        _cuda.reject_device_array(stat, name)
         raise TypeError(f"{name}: expected a NumPy array, got {type(stat).__name__}")
     as_input(stat, name)  # dtype check
     if updated and not stat.flags.writeable:
@@ -90,7 +91,7 @@ def _stats(return_stats, shape, x_dtype):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-               *, layout=None, out=None, return_stats=False):
+               *, layout=None, out=None, return_stats=False, stream=None):
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalizes with the batch statistics (biased variance) and
@@ -98,6 +99,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     variance for ``running_var``); otherwise the running statistics are used.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (C,).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, return_stats,
+                                stream)
     training = bool(training)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
         x, running_mean, running_var, weight, bias, momentum, eps, out, training)
@@ -116,7 +120,7 @@ def _n_c(x, layout):
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5, *, layout=None, out=None, return_stats=False):
+                  momentum=0.1, eps=1e-5, *, layout=None, out=None, return_stats=False, stream=None):
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     Statistics per (sample, channel) over the spatial axes when ``use_input_stats``
@@ -124,6 +128,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     the per-instance statistics), else the running statistics.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
+                                   out, return_stats, stream)
     use_input_stats = bool(use_input_stats)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
         x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats)
@@ -134,11 +141,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     return (y, mean, rstd) if return_stats else y
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, out=None, return_stats=False):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, out=None, return_stats=False, stream=None):
     """Group normalization, as ``torch.nn.functional.group_norm``: statistics per
     (sample, group of C / num_groups channels), affine per channel.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, num_groups).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.group_norm(x, num_groups, weight, bias, eps, layout, out, return_stats, stream)
     given = as_input(x, "x")
     x, bf16 = _channel_input(given)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
@@ -155,7 +164,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     return (y, mean, rstd) if return_stats else y
 
 
-def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None):
+def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None, stream=None):
     """Adaptive instance normalization (AdaIN, Huang & Belongie 2017).
 
     ``y = (x - mean(x)) / sqrt(var(x) + eps) * style_std + style_mean`` per
@@ -163,6 +172,8 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None):
     same layout with x's N and C (any spatial size; its std is
     ``sqrt(var + eps)``), or a ``(mean, std)`` pair of arrays of shape (N, C).
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.adaptive_instance_norm(x, style, eps, layout, out, stream)
     given = as_input(x, "x")
     x, bf16 = _channel_input(given)
     eps = _eps(eps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _ext
+from . import _cuda, _ext
 
 try:  # bfloat16 arrays come from ml_dtypes (optional)
     import ml_dtypes as _ml_dtypes
@@ -36,6 +36,7 @@ def stats_dtype(dtype) -> np.dtype:
 def as_input(x, name: str) -> np.ndarray:
     """x as a NumPy array of a supported float dtype (no copy when it already is one)."""
     if not isinstance(x, np.ndarray):
+        _cuda.reject_device_array(x, name)
         try:
             x = np.asarray(x)
         except Exception as exc:  # e.g. objects that refuse conversion
@@ -77,6 +78,7 @@ def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
     """A caller-given output array: a writable NumPy array of x's dtype. Its
     shape and overlap with x are checked by the C++ core, which names it `out` too."""
     if not isinstance(out, np.ndarray):
+        _cuda.reject_device_array(out, name)
         raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
     if out.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")

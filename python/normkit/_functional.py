@@ -7,7 +7,7 @@ import operator
 
 import numpy as np
 
-from . import _ext
+from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
 
 __all__ = ["layer_norm", "rms_norm"]
@@ -71,7 +71,7 @@ def _output(out, x, k, given):
     return out, None
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False, stream=None):
     """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance,
@@ -79,6 +79,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     with ``return_stats=True`` (statistics of shape ``x.shape[:-k] + (1,)*k``,
     float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.layer_norm(x, normalized_shape, weight, bias, eps, out, return_stats, stream)
     x, shape, bf16, given = _rows_input(x, normalized_shape)
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
@@ -101,13 +103,15 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return (y, mean, rstd) if return_stats else y
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False, stream=None):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
     ``y = x / sqrt(mean(x**2) + eps) * weight`` as ``torch.nn.functional.rms_norm``;
     ``eps=None`` means the machine epsilon of ``x``'s dtype. Returns ``y``, or
     ``(y, rstd)`` with ``return_stats=True``.
     """
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        return _cuda.rms_norm(x, normalized_shape, weight, eps, out, return_stats, stream)
     x, shape, bf16, given = _rows_input(x, normalized_shape)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))

@@ -43,7 +43,7 @@ import operator
 
 import numpy as np
 
-from . import _ext
+from . import _cuda, _ext
 from ._channels import Layout, _layout
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, empty, is_bf16
 from ._functional import _eps, _normalized_shape
@@ -136,6 +136,11 @@ class _Layer:
     def __call__(self, x):
         """y = layer(x): a new array of x's shape and dtype."""
         if type(x) is not np.ndarray or not x.flags.c_contiguous:
+            if _cuda.is_cuda(x):
+                raise ValueError(
+                    f"x: is on cuda:{_cuda.device_of(x)}; normkit's layer objects hold their parameters in host "
+                    "memory and run on the CPU (the normkit functions take CUDA arrays)"
+                )
             x = as_input(x, "x")
             if not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x)

@@ -17,10 +17,14 @@ namespace nb = nanobind;
 
 using AnyArray = nb::ndarray<nb::ro, nb::device::cpu>;
 using OptArray = std::optional<AnyArray>;
+// Arrays in CUDA device memory (PyTorch CUDA tensors, CuPy arrays, through DLPack).
+using DeviceArray = nb::ndarray<nb::ro, nb::device::cuda>;
+using OptDeviceArray = std::optional<DeviceArray>;
 
 // DLPack dtype -> normkit dtype. `bf16_as_uint16`: the Python layer passes
 // ml_dtypes bfloat16 arrays as uint16 views (NumPy cannot export bfloat16).
-inline normkit::DType to_dtype(const AnyArray& a, const char* argument, bool bf16_as_uint16) {
+template <class Array>
+inline normkit::DType to_dtype(const Array& a, const char* argument, bool bf16_as_uint16) {
   const auto dt = a.dtype();
   using code = nb::dlpack::dtype_code;
   if (dt.lanes == 1) {
@@ -38,7 +42,8 @@ inline normkit::DType to_dtype(const AnyArray& a, const char* argument, bool bf1
                            ": expected a floating-point array (float32, float64, float16 or bfloat16)");
 }
 
-inline normkit::TensorRef to_ref(const AnyArray& a, const char* argument, bool bf16) {
+template <class... Args>
+inline normkit::TensorRef to_ref(const nb::ndarray<Args...>& a, const char* argument, bool bf16) {
   if (a.ndim() > static_cast<size_t>(normkit::kMaxRank))
     throw normkit::Error(normkit::ErrorKind::value, std::string(argument) + ": " + std::to_string(a.ndim()) +
                                                         " dimensions exceed normkit's maximum of " +
@@ -51,7 +56,8 @@ inline normkit::TensorRef to_ref(const AnyArray& a, const char* argument, bool b
   return normkit::TensorRef(const_cast<void*>(a.data()), to_dtype(a, argument, bf16), shape, strides);
 }
 
-inline normkit::TensorRef to_ref(const OptArray& a, const char* argument, bool bf16) {
+template <class... Args>
+inline normkit::TensorRef to_ref(const std::optional<nb::ndarray<Args...>>& a, const char* argument, bool bf16) {
   return a ? to_ref(*a, argument, bf16) : normkit::TensorRef{};
 }
 

@@ -27,6 +27,7 @@ using namespace nb::literals;
 using namespace normkit_python;
 
 void bind_layers(nb::module_& m);  // layers_bind.cpp
+void bind_cuda(nb::module_& m);    // cuda_bind.cpp
 
 NB_MODULE(_ext, m) {
   m.doc() = "normkit's compiled core. Use the functions of the `normkit` package.";
@@ -284,4 +285,5 @@ NB_MODULE(_ext, m) {
   });
 
   bind_layers(m);
+  bind_cuda(m);
 }

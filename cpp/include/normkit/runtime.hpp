@@ -30,7 +30,7 @@ struct BuildInfo {
   std::string compiler;                        // e.g. "GCC 12.2.0"
   std::vector<std::string> kernel_flags;       // "avx2: -mavx2 -mfma -mf16c", one per compiled path
   std::string openmp;                          // "OpenMP 201511" or "none (single-threaded build)"
-  bool cuda_built = false;                     // built with CUDA kernels (never, so far)
+  bool cuda_built = false;                     // built with the CUDA backend (-DNORMKIT_CUDA=ON)
 };
 
 // What normkit found and uses in this process.

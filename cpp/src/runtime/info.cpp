@@ -1,4 +1,5 @@
 // runtime/info.cpp - what was built and what was found, for normkit.info().
+#include "normkit/cuda.hpp"
 #include "normkit/error.hpp"
 #include "normkit/runtime.hpp"
 #include "normkit/version.hpp"
@@ -49,7 +50,7 @@ RuntimeInfo runtime_info() {
     info.kernel_path = std::string("unavailable: ") + e.what();
   }
   info.num_threads = get_num_threads();
-  info.cuda_devices = 0;
+  info.cuda_devices = cuda::device_count();
   return info;
 }
 
