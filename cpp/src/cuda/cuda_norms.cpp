@@ -339,11 +339,12 @@ void channel_backward(Work& w, const TensorRef& dy, const TensorRef& x, const Te
 
 // ---- rows -------------------------------------------------------------------------
 
-void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape, const TensorRef& weight,
-                const TensorRef& bias, double eps, const TensorRef& mean, const TensorRef& rstd,
-                cudaStream_t stream) {
-  const kernels::RowsForward f =
-      plan::plan_rows_forward(kernels::RowsNorm::layer, x, y, normalized_shape, weight, bias, eps, mean, rstd);
+namespace {
+
+// The rows forward (LayerNorm, RMSNorm) of a planned, validated call.
+void rows_forward(bool rms, const TensorRef& x, const TensorRef& y, const kernels::RowsForward& f,
+                  const TensorRef& weight, const TensorRef& bias, const TensorRef& mean, const TensorRef& rstd,
+                  cudaStream_t stream) {
   Work w(x, "x", stream, x.dtype);
   w.on_device({{&y, "y"}, {&weight, "weight"}, {&bias, "bias"}, {&mean, "mean"}, {&rstd, "rstd"}});
   if (f.rows == 0) return;
@@ -354,6 +355,7 @@ void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_s
   }
   ck::RowsForward p;
   p.dtype = x.dtype;
+  p.rms = rms;
   p.rows = f.rows;
   p.cols = f.cols;
   p.x = x.data;
@@ -362,36 +364,27 @@ void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_s
   p.y_row_stride = f.y_row_stride;
   p.weight = w.acc_in(weight);
   p.bias = w.acc_in(bias);
-  p.eps = eps;
+  p.eps = f.eps;  // the planner's: eps = nullopt for RMSNorm is the machine epsilon
   p.mean = mean.given ? mean.data : nullptr;
   p.rstd = rstd.given ? rstd.data : nullptr;
   ck::rows_forward(p, w.stream());
+}
+
+}  // namespace
+
+void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape, const TensorRef& weight,
+                const TensorRef& bias, double eps, const TensorRef& mean, const TensorRef& rstd,
+                cudaStream_t stream) {
+  const kernels::RowsForward f =
+      plan::plan_rows_forward(kernels::RowsNorm::layer, x, y, normalized_shape, weight, bias, eps, mean, rstd);
+  rows_forward(false, x, y, f, weight, bias, mean, rstd, stream);
 }
 
 void rms_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape, const TensorRef& weight,
               std::optional<double> eps, const TensorRef& rstd, cudaStream_t stream) {
   const kernels::RowsForward f =
       plan::plan_rows_forward(kernels::RowsNorm::rms, x, y, normalized_shape, weight, {}, eps, {}, rstd);
-  Work w(x, "x", stream, x.dtype);
-  w.on_device({{&y, "y"}, {&weight, "weight"}, {&rstd, "rstd"}});
-  if (f.rows == 0) return;
-  if (f.cols == 0) {
-    w.fill_nan(rstd);
-    return;
-  }
-  ck::RowsForward p;
-  p.dtype = x.dtype;
-  p.rms = true;
-  p.rows = f.rows;
-  p.cols = f.cols;
-  p.x = x.data;
-  p.x_row_stride = f.x_row_stride;
-  p.y = y.data;
-  p.y_row_stride = f.y_row_stride;
-  p.weight = w.acc_in(weight);
-  p.eps = f.eps;
-  p.rstd = rstd.given ? rstd.data : nullptr;
-  ck::rows_forward(p, w.stream());
+  rows_forward(true, x, y, f, weight, {}, {}, rstd, stream);
 }
 
 // ---- channel norms ------------------------------------------------------------------
