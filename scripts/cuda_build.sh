@@ -45,6 +45,28 @@ echo "CUDA build: $(( $(date +%s) - start ))s"
 step "C++: the CUDA entry points (argument checks, no-device errors; GPU tests skip without a GPU)"
 "$BUILD/tests/cpp/normkit_cpp_tests" --gtest_filter='Cuda*'
 
+step "C++ package with CUDA: install, find_package(normkit COMPONENTS cuda), build and run the CUDA example of docs/cpp.md"
+rm -rf "$BUILD-install" "$BUILD-consumer"
+cmake --install "$BUILD" --prefix "$BUILD-install" >/dev/null
+mkdir -p "$BUILD-consumer"
+"$PYTHON" - "$BUILD-consumer/main.cpp" <<'PY'
+import sys
+text = open("docs/cpp.md").read()
+start = text.index("```cpp", text.index("## CUDA")) + len("```cpp")
+open(sys.argv[1], "w").write(text[start:text.index("```", start)])
+PY
+cat >"$BUILD-consumer/CMakeLists.txt" <<'CM'
+cmake_minimum_required(VERSION 3.18)
+project(normkit_cuda_consumer LANGUAGES CXX)
+find_package(normkit CONFIG REQUIRED COMPONENTS cuda)
+add_executable(cuda_example main.cpp)
+target_link_libraries(cuda_example PRIVATE normkit::normkit)
+CM
+cmake -S "$BUILD-consumer" -B "$BUILD-consumer/build" -DCMAKE_PREFIX_PATH="$PWD/$BUILD-install" \
+      -DCUDAToolkit_ROOT="$(dirname "$(dirname "$NVCC")")" >/dev/null
+cmake --build "$BUILD-consumer/build" -j "$JOBS" >/dev/null
+"$BUILD-consumer/build/cuda_example"
+
 step "Python: the CUDA-built extension (routing and errors; the GPU suite skips without a GPU)"
 stage="$BUILD/python-stage"
 rm -rf "$stage" && mkdir -p "$stage/normkit"
