@@ -136,8 +136,10 @@ __device__ __forceinline__ Moments<A> chan_merge(const Moments<A>& a, const Mome
   return r;
 }
 
-// Butterfly reductions over a warp: every lane ends with the same value, the
-// tree fixed by the lane numbers (so the result does not depend on timing).
+// Butterfly reductions over a warp, the tree fixed by the lane numbers (so the
+// result does not depend on timing). warp_sum leaves the same value in every
+// lane; warp_merge's lanes may differ in the last bits (Chan's merge is not
+// symmetric in its two inputs): use lane 0's result.
 template <class A>
 __device__ __forceinline__ Moments<A> warp_merge(Moments<A> m) {
 #pragma unroll
