@@ -515,11 +515,15 @@ void rms_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef&
   rows_backward(true, dy, x, TensorRef{}, rstd, normalized_shape, weight, dx, dweight, TensorRef{}, stream);
 }
 
-void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                         const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
-                         const TensorRef& dbias, bool training, std::optional<Layout> layout, cudaStream_t stream) {
-  const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  norms::check_backward_stats(mean, rstd, g.c, x.dtype);
+namespace {
+
+// BatchNorm / InstanceNorm / GroupNorm backward after their own checks: the
+// statistics groups per channel (BatchNorm) or per (sample, group), the
+// weight and its gradients per channel.
+void affine_channel_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                             const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
+                             const TensorRef& dbias, const ChannelGeometry& g, bool per_sample, std::int64_t groups,
+                             bool constant_stats, cudaStream_t stream) {
   Work w(x, "x", stream, x.dtype);
   w.on_device({{&dy, "dy"}, {&mean, "mean"}, {&rstd, "rstd"}, {&weight, "weight"}, {&dx, "dx"},
                {&dweight, "dweight"}, {&dbias, "dbias"}});
@@ -528,9 +532,20 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
     w.fill_zero(dbias);
     return;
   }
-  channel_backward(w, dy, x, dx, g, /*per_sample=*/false, 1, /*constant_stats=*/!training, mean.data, rstd.data,
-                   w.acc_in(weight), 0, w.acc_out(dbias), w.acc_out(dweight), 0);
+  channel_backward(w, dy, x, dx, g, per_sample, groups, constant_stats, mean.data, rstd.data, w.acc_in(weight), 0,
+                   w.acc_out(dbias), w.acc_out(dweight), 0);
   w.finish();
+}
+
+}  // namespace
+
+void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                         const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
+                         const TensorRef& dbias, bool training, std::optional<Layout> layout, cudaStream_t stream) {
+  const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
+  norms::check_backward_stats(mean, rstd, g.c, x.dtype);
+  affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/false, 1,
+                          /*constant_stats=*/!training, stream);
 }
 
 void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -539,17 +554,8 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
                             cudaStream_t stream) {
   const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
   norms::check_backward_stats(mean, rstd, g.n * g.c, x.dtype);
-  Work w(x, "x", stream, x.dtype);
-  w.on_device({{&dy, "dy"}, {&mean, "mean"}, {&rstd, "rstd"}, {&weight, "weight"}, {&dx, "dx"},
-               {&dweight, "dweight"}, {&dbias, "dbias"}});
-  if (x.numel() == 0) {
-    w.fill_zero(dweight);
-    w.fill_zero(dbias);
-    return;
-  }
-  channel_backward(w, dy, x, dx, g, /*per_sample=*/true, g.c, /*constant_stats=*/!use_input_stats, mean.data,
-                   rstd.data, w.acc_in(weight), 0, w.acc_out(dbias), w.acc_out(dweight), 0);
-  w.finish();
+  affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/true, g.c,
+                          /*constant_stats=*/!use_input_stats, stream);
 }
 
 void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -559,17 +565,8 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
   const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
   plan::check_num_groups(num_groups, g.c);
   norms::check_backward_stats(mean, rstd, g.n * num_groups, x.dtype);
-  Work w(x, "x", stream, x.dtype);
-  w.on_device({{&dy, "dy"}, {&mean, "mean"}, {&rstd, "rstd"}, {&weight, "weight"}, {&dx, "dx"},
-               {&dweight, "dweight"}, {&dbias, "dbias"}});
-  if (x.numel() == 0) {
-    w.fill_zero(dweight);
-    w.fill_zero(dbias);
-    return;
-  }
-  channel_backward(w, dy, x, dx, g, /*per_sample=*/true, num_groups, /*constant_stats=*/false, mean.data, rstd.data,
-                   w.acc_in(weight), 0, w.acc_out(dbias), w.acc_out(dweight), 0);
-  w.finish();
+  affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/true, num_groups,
+                          /*constant_stats=*/false, stream);
 }
 
 void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
