@@ -10,10 +10,12 @@
 # Usage: bash scripts/fuzz.sh               (from anywhere)
 #   FUZZ_SECONDS=90      how long to fuzz (libFuzzer -max_total_time)
 #   FUZZ_SEED=1          libFuzzer -seed; the fixed default makes the test
-#                        command's run repeatable (a fresh corpus and seed 1
-#                        explore the same inputs in the same order, so a CI
-#                        failure replays here); FUZZ_SEED=0 picks a random seed
-#                        for exploratory runs, e.g. FUZZ_SEED=0 FUZZ_SECONDS=1800
+#                        command's run repeatable on one machine (another CPU
+#                        reaches other code, keeps other inputs and soon
+#                        explores differently: a finding prints its input in
+#                        base64, so a CI log replays anywhere); FUZZ_SEED=0
+#                        picks a random seed for exploratory runs, e.g.
+#                        FUZZ_SEED=0 FUZZ_SECONDS=1800
 #   FUZZ_JOBS=1          parallel fuzzing processes (-fork); 1 keeps it to one core
 #   FUZZ_BUILD=build/fuzz  build directory (the corpus is FUZZ_BUILD/corpus)
 #   NORMKIT_FUZZ_STRICT=1  also fail on the known, already reported normkit bugs
@@ -131,6 +133,9 @@ if [ "$rc" -ne 0 ] || [ -n "$(ls -A "$ARTIFACTS")" ]; then
     echo "replay:     NORMKIT_FUZZ_VERBOSE=1 $FUZZER $a"
     echo "minimize:   $FUZZER -minimize_crash=1 -runs=20000 -exact_artifact_path=$a.min $a"
   done
+  # The input itself, so that a log from another machine is enough to replay it.
+  b64=$(grep -m1 '^Base64: ' "$LOG" | cut -d' ' -f2 || true)
+  [ -n "$b64" ] && echo "from a log: echo $b64 | base64 -d > crash && NORMKIT_FUZZ_VERBOSE=1 $FUZZER crash"
   echo "full log:   $LOG"
   exit 1
 fi

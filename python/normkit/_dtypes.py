@@ -84,7 +84,34 @@ def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name}: array is read-only")
+    if elements_overlap(out):
+        raise ValueError(
+            f"{name}: its elements overlap each other (a broadcast or self-overlapping view, strides "
+            f"{out.strides}); pass an array with one element per memory location"
+        )
     return out
+
+
+def elements_overlap(a: np.ndarray) -> bool:
+    """Whether two elements of `a` share bytes (a writable broadcast view made
+    with as_strided, say): writing such an output would keep one of several
+    results at random."""
+    if a.size <= 1:
+        return False
+    dims = sorted((abs(s), n) for n, s in zip(a.shape, a.strides) if n > 1)
+    reach = 0  # bytes spanned by the dims of smaller stride
+    for stride, n in dims:
+        if stride < reach + a.itemsize:
+            break
+        reach += (n - 1) * stride
+    else:
+        return False  # each dim steps past everything the smaller ones span
+    # Interleaved strides, rare: compare the elements' byte offsets exactly.
+    offsets = np.zeros((), np.int64)
+    for n, s in zip(a.shape, a.strides):
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * s)
+    offsets = np.sort(offsets, axis=None)
+    return bool(np.any(np.diff(offsets) < a.itemsize))
 
 
 # Outputs of at least this many bytes come from normkit's output cache (see

@@ -177,6 +177,97 @@ TEST_P(BackwardOnPath, AdaptiveInstanceNormMatchesFiniteDifferences) {
   }
 }
 
+// dx may be x or dy itself (norms.hpp). Every backward, both layouts, float32
+// and float64: in place gives the out-of-place dx, dweight, dbias (and style
+// gradients) bit for bit, so no gradient sum reads an element already overwritten.
+template <typename T>
+void check_in_place_matches_out_of_place() {
+  const int64_t n = 3, c = 4, s = 10, rows = n * s;
+  const auto xd = random_vector(n * c * s, 41, 0.7, 2.0), dyd = random_vector(n * c * s, 42, 0.3, 1.5);
+  const auto wd = random_vector(c * s, 43), styled = random_vector(n * c * 6, 44, -1.0, 3.0);
+  const std::vector<T> x0(xd.begin(), xd.end()), dy0(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
+  std::vector<T> style(styled.begin(), styled.end()), rm(c, T(0.2)), rv(c, T(1.7));
+  auto v = [](std::vector<T>& b, nk::Dims shape) { return nk::TensorView<T>(b.data(), shape); };
+  for (nk::Layout layout : {nk::Layout::NCL, nk::Layout::NLC}) {
+    const bool last = layout == nk::Layout::NLC;
+    const nk::Dims shape = last ? nk::Dims{n, s, c} : nk::Dims{n, c, s};
+    const nk::Dims style_shape = last ? nk::Dims{n, 6, c} : nk::Dims{n, c, 6};
+    for (int kind = 0; kind < 9; ++kind) {
+      // 0 LayerNorm, 1 RMSNorm, 2/3 BatchNorm training/eval, 4/5 InstanceNorm input/running
+      // statistics, 6 GroupNorm, 7/8 AdaIN from a style map / from style statistics.
+      if (kind <= 1 && last) continue;  // rows norms have no layout
+      SCOPED_TRACE("layout " + std::string(nk::to_string(layout)) + ", kind " + std::to_string(kind));
+      const int64_t stats = kind <= 1 ? rows : (kind <= 3 ? c : (kind == 6 ? n * 2 : n * c));
+      std::vector<T> mean(stats), rstd(stats), y(x0.size()), xs = x0, smean(n * c), sstd(n * c);
+      for (int64_t i = 0; i < n * c; ++i) smean[i] = T(0.1 * double(i)), sstd[i] = T(0.5 + 0.25 * double(i));
+      std::vector<T> rmc = rm, rvc = rv;
+      const nk::Dims rows_shape{rows, c};  // LayerNorm/RMSNorm over the last axis of an (n*s, c) matrix
+      // Forward, for the statistics the backward takes.
+      if (kind == 0) nk::layer_norm(v(xs, rows_shape), v(y, rows_shape), {c}, {}, {}, 1e-5, v(mean, {rows}), v(rstd, {rows}));
+      if (kind == 1) nk::rms_norm(v(xs, rows_shape), v(y, rows_shape), {c}, {}, 1e-5, v(rstd, {rows}));
+      if (kind == 2 || kind == 3)
+        nk::batch_norm(v(xs, shape), v(y, shape), v(rmc, {c}), v(rvc, {c}), {}, {}, kind == 2, 0.1, 1e-5, layout,
+                       v(mean, {c}), v(rstd, {c}));
+      if (kind == 4 || kind == 5) {
+        // The running-statistics backward uses given constants; take them from the data.
+        nk::instance_norm(v(xs, shape), v(y, shape), {}, {}, {}, {}, true, 0.1, 1e-5, layout, v(mean, {n, c}),
+                          v(rstd, {n, c}));
+      }
+      if (kind == 6)
+        nk::group_norm(v(xs, shape), v(y, shape), 2, {}, {}, 1e-5, layout, v(mean, {n, 2}), v(rstd, {n, 2}));
+      const bool rows_norm = kind <= 1;
+      const nk::Dims xshape = rows_norm ? rows_shape : shape;
+      std::vector<T> wc(w.begin(), w.begin() + c);
+      // Runs the backward with dy, x and dx in the given buffers; returns every output.
+      auto run = [&](std::vector<T>& dyb, std::vector<T>& xb, std::vector<T>& dxb) {
+        std::vector<T> g1(kind >= 7 ? (kind == 7 ? style.size() : size_t(n * c)) : size_t(c), T(-7));
+        std::vector<T> g2(kind == 8 ? size_t(n * c) : size_t(c), T(-7));
+        const auto dyv = v(dyb, xshape), xv = v(xb, xshape), dxv = v(dxb, xshape);
+        switch (kind) {
+          case 0: nk::layer_norm_backward(dyv, xv, v(mean, {rows}), v(rstd, {rows}), {c}, v(wc, {c}), dxv, v(g1, {c}), v(g2, {c})); break;
+          case 1: nk::rms_norm_backward(dyv, xv, v(rstd, {rows}), {c}, v(wc, {c}), dxv, v(g1, {c})); break;
+          case 2: case 3:
+            nk::batch_norm_backward(dyv, xv, v(mean, {c}), v(rstd, {c}), v(wc, {c}), dxv, v(g1, {c}), v(g2, {c}), kind == 2, layout);
+            break;
+          case 4: case 5:
+            nk::instance_norm_backward(dyv, xv, v(mean, {n, c}), v(rstd, {n, c}), v(wc, {c}), dxv, v(g1, {c}),
+                                       v(g2, {c}), kind == 4, layout);
+            break;
+          case 6:
+            nk::group_norm_backward(dyv, xv, v(mean, {n, 2}), v(rstd, {n, 2}), 2, v(wc, {c}), dxv, v(g1, {c}), v(g2, {c}), layout);
+            break;
+          case 7: nk::adaptive_instance_norm_backward(dyv, xv, v(style, style_shape), 1e-5, dxv, v(g1, style_shape), layout); break;
+          case 8:
+            nk::adaptive_instance_norm_backward(dyv, xv, v(smean, {n, c}), v(sstd, {n, c}), 1e-5, dxv, v(g1, {n, c}),
+                                                v(g2, {n, c}), layout);
+            break;
+        }
+        std::vector<T> out = dxb;
+        out.insert(out.end(), g1.begin(), g1.end());
+        out.insert(out.end(), g2.begin(), g2.end());
+        return out;
+      };
+      std::vector<T> dy = dy0, x = x0, dx(x0.size());
+      const std::vector<T> want = run(dy, x, dx);
+      std::vector<T> x_in_place = x0, dy_in_place = dy0, dy_keep = dy0, x_keep = x0;
+      const std::vector<T> got_x = run(dy_keep, x_in_place, x_in_place);    // dx = x
+      const std::vector<T> got_dy = run(dy_in_place, x_keep, dy_in_place);  // dx = dy
+      ASSERT_EQ(want.size(), got_x.size());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_EQ(want[i], got_x[i]) << "dx = x: output element " << i << " of " << want.size();
+        ASSERT_EQ(want[i], got_dy[i]) << "dx = dy: output element " << i << " of " << want.size();
+      }
+      EXPECT_EQ(dy_keep, dy0) << "dy modified";
+      EXPECT_EQ(x_keep, x0) << "x modified";
+    }
+  }
+}
+
+TEST_P(BackwardOnPath, InPlaceGradientsMatchOutOfPlace) {
+  check_in_place_matches_out_of_place<double>();
+  check_in_place_matches_out_of_place<float>();
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, BackwardOnPath, ::testing::Values("scalar", "avx2", "avx512"),
                          [](const auto& info) { return info.param; });
 

@@ -859,6 +859,24 @@ TEST_F(Errors, PartialOverlap) {
   EXPECT_NO_THROW(nk::layer_norm(same, same, nk::Dims{8}));
 }
 
+// An output whose rows share memory (a broadcast view, or a row stride below
+// the row length) is an error, also in place and for the backward's dx.
+TEST_F(Errors, SelfOverlappingOutput) {
+  const nk::TensorView<float> y_broadcast(yb.data(), nk::Dims{4, 8}, nk::Dims{0, 1});
+  const nk::TensorView<float> y_short_stride(yb.data(), nk::Dims{4, 8}, nk::Dims{4, 1});
+  const nk::TensorView<float> x_broadcast(xb.data(), nk::Dims{4, 8}, nk::Dims{0, 1});
+  EXPECT_TRUE(throws_error([&] { nk::layer_norm(x, y_broadcast, nk::Dims{8}); }, kValue, "y: its rows overlap"));
+  EXPECT_TRUE(throws_error([&] { nk::rms_norm(x, y_short_stride, nk::Dims{8}); }, kValue, "y: its rows overlap"));
+  EXPECT_TRUE(throws_error([&] { nk::layer_norm(x_broadcast, x_broadcast, nk::Dims{8}); }, kValue, "y: its rows overlap"));
+  std::vector<float> mean(4), rstd(4, 1.f), dyb(32, 1.f);
+  const nk::TensorView<float> m(mean.data(), nk::Dims{4}), r(rstd.data(), nk::Dims{4});
+  const nk::TensorView<float> dy(dyb.data(), nk::Dims{4, 8});
+  EXPECT_TRUE(throws_error([&] { nk::layer_norm_backward(dy, x, m, r, nk::Dims{8}, {}, y_broadcast); }, kValue,
+                           "dx: its rows overlap"));
+  // A broadcast x (read only) stays valid input.
+  EXPECT_NO_THROW(nk::layer_norm(x_broadcast, y, nk::Dims{8}));
+}
+
 // Views that share no element are not an overlap, even when their address
 // ranges interleave: x = buf[:, :8] and y = buf[:, 8:] of one (4, 16) buffer
 // (an engine writing a norm into half of a concatenated activation buffer).

@@ -51,7 +51,8 @@
 //          stats): min(running_var) + eps > 0 (in double), R = 1/sqrt of it;
 //          a negative running variance is not a finite input's variance.
 //        - backward: R = max |rstd given|; the sums of x - mean given (which
-//          refine a rounded saved mean) must fit the accumulation type too.
+//          refine a rounded saved mean) and xhat = (x - mean) * R must fit the
+//          accumulation type too, whatever dy and the weight are.
 //     c. a bound on every output's magnitude, computed from the maxima of the
 //        inputs (X = max|x|, D = max|dy|, W = max|weight| or 1, B = max|bias|,
 //        M = elements per statistic, ...) - e.g. forward |y| <= |xhat|*W + B,
@@ -69,6 +70,12 @@
 //        sqrt(var + eps) = inf in float).
 //     Otherwise (non-finite input, eps = 0 with a constant group, huge values,
 //     a float16 output that overflows) only oracles 1-3 apply.
+//  5. In place equals out of place: when y / dx is exactly x or dy (allowed by
+//     norms.hpp) and the call returns, it is made again from the same inputs
+//     with that output in memory of its own; every output must be the same,
+//     element for element (NaN where NaN). So no kernel reads an element of x
+//     or dy after writing the output over it - a wrong result that oracle 4
+//     cannot see unless it happens to overflow.
 //  Known normkit limits (known_issue()) are skipped so that a run stays useful;
 //  set NORMKIT_FUZZ_STRICT=1 to check them too. Remove an entry once it is fixed.
 //
@@ -209,6 +216,7 @@ struct Tensor {
   Role role = Role::input;
   int alloc = -1;
   bool stats_out = false;  // a statistics output: NaN for empty x is legitimate
+  std::string in_place_of;  // an output that is exactly this input's view (in place)
 };
 
 struct World {
@@ -421,6 +429,7 @@ bool make_aliased(World& w, Bytes& in, const std::string& name, const Tensor& x_
   if (mode == 0) {  // exactly x
     out.ref = x.ref;
     out.alloc = x.alloc;
+    out.in_place_of = x.name;
     note("  %-12s = %s (same view, in place)\n", name.c_str(), x.name.c_str());
     w.tensors.push_back(out);
     return true;
@@ -745,6 +754,55 @@ const char* known_issue(int kind, const nk::TensorRef& x, const nk::TensorRef&) 
       kind != k_in_running_bw && g_rstd_max > std::sqrt(acc_max(x.dtype)) / 4)
     return "channel backward overflows rstd^2 for rstd > sqrt(max of the accumulation type)";
   return nullptr;
+}
+
+// Oracle 5 (see the top): after a call that returned with an output exactly
+// an input's view, restores every allocation to its bytes before the call,
+// moves that output to a fresh NaN-filled allocation of the same span, calls
+// again and compares every output with the first call's.
+void check_in_place_matches_out_of_place(World& w, const std::function<void()>& call) {
+  bool in_place = false;
+  for (const Tensor& t : w.tensors) in_place = in_place || (t.role == Role::output && t.ref.given && !t.in_place_of.empty());
+  if (!in_place) return;
+  std::vector<std::vector<double>> first(w.tensors.size());
+  for (std::size_t i = 0; i < w.tensors.size(); ++i) {
+    const Tensor& t = w.tensors[i];
+    if (t.role == Role::output && t.ref.given)
+      for_each(t.ref, [&](unsigned char* p) { first[i].push_back(load(p, t.ref.dtype)); });
+  }
+  for (Alloc& a : w.allocs)
+    if (a.bytes > 0) std::memcpy(a.mem.get(), a.before.data(), a.bytes);
+  for (Tensor& t : w.tensors) {
+    if (t.role != Role::output || !t.ref.given || t.in_place_of.empty()) continue;
+    std::int64_t lo, hi;
+    span(t.ref.shape, t.ref.strides, lo, hi);
+    const int es = esize(t.ref.dtype);
+    const int a = add_alloc(w, t.ref.numel() > 0 ? std::size_t(hi - lo + 1) * es : 0);
+    fill(w, a, t.ref.dtype, -1, GenState{});
+    t.ref.data = w.allocs[a].mem.get() + (-lo) * es;
+    t.alloc = a;
+    note("  (oracle 5: again with %s in its own memory instead of %s's)\n", t.name.c_str(), t.in_place_of.c_str());
+  }
+  try {
+    call();
+  } catch (const std::exception& e) {
+    fail(std::string("in place returned, but the same call out of place threw: ") + e.what());
+  }
+  for (std::size_t i = 0; i < w.tensors.size(); ++i) {
+    const Tensor& t = w.tensors[i];
+    if (t.role != Role::output || !t.ref.given) continue;
+    std::size_t k = 0;
+    for_each(t.ref, [&](unsigned char* p) {
+      const double want = load(p, t.ref.dtype), got = k < first[i].size() ? first[i][k] : NAN;
+      if (!(got == want || (std::isnan(got) && std::isnan(want)))) {
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "in place differs from out of place: %s element %zu (logical order) is %.17g in place, %.17g out of place",
+                      t.name.c_str(), k, got, want);
+        fail(msg);
+      }
+      ++k;
+    });
+  }
 }
 
 int run_one(const std::uint8_t* data, std::size_t size) {
@@ -1110,6 +1168,9 @@ int run_one(const std::uint8_t* data, std::size_t size) {
         // sum(x - mean) over a group, in the accumulation type (it refines the
         // saved mean; it needs no dy, so dy = 0 does not excuse it).
         bounds.out(xc, acc_dt);
+        // xhat = (x - mean) * rstd, formed first in the accumulation type: a
+        // zero dy or weight does not excuse it either (0 * inf is NaN).
+        bounds.out(xh, acc_dt);
         const bool constant_stats = kind == k_bn_eval_bw || kind == k_in_running_bw;
         const double dx = constant_stats ? g * Rs : Rs * (2 * g + xh * g * xh) + Rs * Rs * xc * g * xh;
         // Elements summed into one weight-gradient entry.
@@ -1183,9 +1244,9 @@ int run_one(const std::uint8_t* data, std::size_t size) {
     });
   }
 
-  const nk::TensorRef x = ref("x"), y = ref("y"), dy = ref("dy"), dx = ref("dx");
-  bool threw = false;
-  try {
+  // The call, with the tensors as they are in w now (oracle 5 moves an output).
+  auto call = [&] {
+    const nk::TensorRef x = ref("x"), y = ref("y"), dy = ref("dy"), dx = ref("dx");
     switch (kind) {
       case k_layer: nk::layer_norm(x, y, normalized, ref("weight"), ref("bias"), eps, ref("mean"), ref("rstd")); break;
       case k_rms: nk::rms_norm(x, y, normalized, ref("weight"), rms_eps, ref("rstd")); break;
@@ -1227,6 +1288,11 @@ int run_one(const std::uint8_t* data, std::size_t size) {
                                             ref("dstyle_std"), layout);
         break;
     }
+  };
+  const nk::TensorRef x = ref("x");
+  bool threw = false;
+  try {
+    call();
   } catch (const nk::Error& e) {
     threw = true;
     if (g_verbose) std::fprintf(stderr, "  -> normkit::Error: %s\n", e.what());
@@ -1261,6 +1327,7 @@ int run_one(const std::uint8_t* data, std::size_t size) {
       if (!a.out_mask[b]) fail("input modified / write outside the outputs' elements: " + owner(int(ai), b));
     }
   }
+  if (!threw) check_in_place_matches_out_of_place(w, call);
   // Known normkit bugs (reported; see the list at known_issue()): skipped
   // unless NORMKIT_FUZZ_STRICT=1, so a run stays useful until they are fixed.
   const char* known = threw ? nullptr : known_issue(kind, x, ref("style"));

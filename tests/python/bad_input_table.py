@@ -69,6 +69,8 @@ ROWS = [
     ("out", "out overlapping x in part", lambda: (lambda b: normkit.layer_norm(b[:6], 8, out=b[1:7]))(np.ones((7, 8), np.float32)), ValueError, "out: overlaps x"),
     ("out", "out a list", lambda: normkit.layer_norm(R, 8, out=[0.0] * 48), TypeError, "out: expected a NumPy array"),
     ("out", "out a broadcast view (zero strides)", lambda: normkit.layer_norm(R, 8, out=np.broadcast_to(np.float32(0), R.shape)), ValueError, "out: array is read-only"),
+    ("out", "out a writable broadcast view (as_strided, zero strides)", lambda: normkit.layer_norm(R, 8, out=np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), R.shape, (0, 4))), ValueError, "out: its elements overlap each other"),
+    ("out", "out with rows overlapping each other", lambda: normkit.group_norm(X, 2, out=np.lib.stride_tricks.as_strided(np.zeros(80, np.float32), X.shape, (4, 4, 12, 4))), ValueError, "out: its elements overlap each other"),
     # running statistics
     ("running", "running_mean of the wrong length", lambda: normkit.batch_norm(X, np.zeros(3, np.float32), np.ones(4, np.float32), training=True), ValueError, "running_mean: expected shape (4,)"),
     ("running", "running_var of int dtype", lambda: normkit.batch_norm(X, np.zeros(4, np.float32), np.ones(4, np.int32), training=True), TypeError, "running_var: expected a floating-point array"),

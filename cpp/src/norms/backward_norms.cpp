@@ -361,9 +361,11 @@ AffineGrads per_sample_backward(const TensorRef& dy, const TensorRef& x, const T
 plan::GradSums constant_stats_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                                        const ChannelGeometry& g, bool per_sample, const std::vector<double>& mean,
                                        const std::vector<double>& dx_scale, bool want_sums) {
+  // Sums first: dx may be x or dy itself (in place), and the apply overwrites it.
+  plan::GradSums sums;
+  if (want_sums) sums = plan::channel_grad_sums(x, dy, g, per_sample, mean);
   plan::channel_apply(dy, dx, g, per_sample, dx_scale, std::vector<double>(dx_scale.size(), 0.0), nullptr);
-  if (!want_sums) return {};
-  return plan::channel_grad_sums(x, dy, g, per_sample, mean);
+  return sums;
 }
 
 }  // namespace

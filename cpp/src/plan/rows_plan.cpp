@@ -97,6 +97,12 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   if (!as_rows(y, k, yv))
     core::fail_value(yn + ": the normalized dims must be contiguous and the leading dims must collapse to one "
                      "stride");
+  // An output whose rows share memory (a broadcast view: row stride 0, or any
+  // stride below the row length) would have one element written as several.
+  if (yv.rows > 1 && yv.cols > 0 && (yv.row_stride < 0 ? -yv.row_stride : yv.row_stride) < yv.cols)
+    core::fail_value(yn + ": its rows overlap each other (row stride " + std::to_string(yv.row_stride) +
+                     " elements, rows of " + std::to_string(yv.cols) +
+                     "): an output must not be a broadcast or self-overlapping view");
   if (!rows_disjoint(x, xv, y, yv)) core::check_no_partial_overlap(x, y, y_name);
 
   const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
