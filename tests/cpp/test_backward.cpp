@@ -345,6 +345,62 @@ TEST(Backward, GradientsDoNotDependOnTheThreadCount) {
   }
 }
 
+// An output may be x (or dx may be dy) itself, and nothing else it shares
+// memory with: one buffer carved into views that overlap where they must not.
+TEST(Aliasing, OutputsSharingMemoryWithOtherArgumentsAreErrors) {
+  const int64_t n = 2, c = 4, s = 3;
+  std::vector<double> buf(400, 0.5);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = 0.5 + 0.01 * double(i % 17);
+  double* b = buf.data();
+  auto at = [&](int64_t offset, nk::Dims shape) { return nk::TensorView<double>(b + offset, shape); };
+  const nk::Dims xs{n, c, s};
+  const auto x = at(0, xs), y = at(100, xs), dy = at(200, xs), dx = at(300, xs);
+  auto expect_error = [](const std::function<void()>& call, const std::string& prefix) {
+    try {
+      call();
+      ADD_FAILURE() << "no error, expected one starting with " << prefix;
+    } catch (const nk::Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(prefix, 0), 0u) << e.what();
+      EXPECT_NE(std::string(e.what()).find("shares memory with"), std::string::npos) << e.what();
+    }
+  };
+  // Forward: statistics outputs inside x, y over the weight, running statistics inside y.
+  expect_error([&] { nk::layer_norm(x, y, {s}, {}, {}, 1e-5, at(2, {n * c}), {}); }, "mean: shares memory with x");
+  expect_error([&] { nk::layer_norm(x, y, {s}, at(101, {s})); }, "y: shares memory with weight");
+  expect_error([&] { nk::rms_norm(x, y, {s}, {}, 1e-5, at(4, {n * c})); }, "rstd: shares memory with x");
+  expect_error([&] { nk::batch_norm(x, y, at(104, {c}), at(150, {c}), {}, {}, true, 0.1, 1e-5, nk::Layout::NCL); },
+               "y: shares memory with running_mean");
+  expect_error([&] { nk::group_norm(x, y, 2, {}, {}, 1e-5, nk::Layout::NCL, at(3, {n, 2}), {}); },
+               "mean: shares memory with x");
+  expect_error([&] { nk::adaptive_instance_norm(x, y, at(105, xs), 1e-5, nk::Layout::NCL); },
+               "y: shares memory with style");
+  // Backward: gradients of the parameters inside x or dy, dx over the saved statistics, dstyle = dx.
+  std::vector<double> mc(c), rc(c, 1.0), mean_nc(n * c), rstd_nc(n * c, 1.0);
+  const nk::Dims rs{n * c, s};
+  expect_error([&] {
+    nk::layer_norm_backward(at(200, rs), at(0, rs), view(mean_nc, {n * c}), view(rstd_nc, {n * c}), {s}, {},
+                            at(300, rs), at(201, {s}));
+  }, "dweight: shares memory with dy");
+  expect_error([&] {
+    nk::batch_norm_backward(dy, x, at(301, {c}), view(rc, {c}), {}, dx, {}, {}, true, nk::Layout::NCL);
+  }, "dx: shares memory with mean");
+  expect_error([&] {
+    nk::instance_norm_backward(dy, x, view(mean_nc, {n, c}), view(rstd_nc, {n, c}), {}, dx, at(1, {c}), {}, true,
+                               nk::Layout::NCL);
+  }, "dweight: shares memory with x");
+  expect_error([&] {
+    nk::adaptive_instance_norm_backward(dy, x, at(100, xs), 1e-5, dx, dx, nk::Layout::NCL);
+  }, "dx: shares memory with dstyle");
+  expect_error([&] {
+    nk::adaptive_instance_norm_backward(dy, x, view(mean_nc, {n, c}), view(rstd_nc, {n, c}), 1e-5, dx,
+                                        at(205, {n, c}), {}, nk::Layout::NCL);
+  }, "dstyle_mean: shares memory with dy");
+  // Nothing was written by the refused calls, and the allowed in-place forms still work.
+  for (size_t i = 0; i < buf.size(); ++i) ASSERT_EQ(buf[i], 0.5 + 0.01 * double(i % 17)) << "element " << i;
+  EXPECT_NO_THROW(nk::layer_norm(x, x, {s}));
+  EXPECT_NO_THROW(nk::batch_norm_backward(dy, x, view(mc, {c}), view(rc, {c}), {}, dy, {}, {}, true, nk::Layout::NCL));
+}
+
 TEST(Backward, BadArgumentsAreErrorsNamingThem) {
   std::vector<double> x(12, 1.0), dy(12, 1.0), dx(12), mean(3), rstd(3, 1.0), mean4(4), rstd4(4, 1.0), small(2);
   const nk::Dims shape{3, 4};

@@ -3,7 +3,10 @@
 // Every function takes views over caller-owned memory and writes its result
 // into `y` (which may be the same memory as `x`: in place is allowed, partial
 // overlap is not, nor an output whose elements share memory, such as a
-// broadcast view). Element types: float32, float64, float16, bfloat16;
+// broadcast view). Apart from that one in-place pair (and dx = dy in a
+// backward), no output may share memory with any other argument: statistics
+// outputs, running statistics, gradients and y are each their own memory.
+// Element types: float32, float64, float16, bfloat16;
 // statistics and accumulation are float32 for the 16-bit types.
 // Inputs are never modified. No memory is allocated beyond small per-thread
 // scratch. Errors are normkit::Error with the argument named in what().

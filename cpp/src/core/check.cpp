@@ -61,6 +61,26 @@ bool same_memory(const TensorRef& a, const TensorRef& b) {
   return a.data == b.data && a.shape == b.shape && a.strides == b.strides && a.dtype == b.dtype;
 }
 
+void check_disjoint(std::initializer_list<NamedRef> outputs, std::initializer_list<NamedRef> others) {
+  auto overlap = [](const TensorRef& a, const TensorRef& b) {
+    if (!a.given || !b.given) return false;
+    std::uintptr_t a0, a1, b0, b1;
+    byte_span(a, a0, a1);
+    byte_span(b, b0, b1);
+    return a0 < b1 && b0 < a1;
+  };
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    auto fail_with = [&](const char* other) {
+      fail_value(std::string(out->name) + ": shares memory with " + other +
+                 " (an output must not overlap any other argument)");
+    };
+    for (auto later = out + 1; later != outputs.end(); ++later)
+      if (overlap(out->ref, later->ref)) fail_with(later->name);
+    for (const NamedRef& other : others)
+      if (overlap(out->ref, other.ref)) fail_with(other.name);
+  }
+}
+
 void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char* y_name, const char* x_name) {
   if (same_memory(x, y)) return;
   std::uintptr_t x0, x1, y0, y1;

@@ -1,6 +1,7 @@
 // core/check.hpp - argument validation helpers shared by the entry points.
 #pragma once
 
+#include <initializer_list>
 #include <string>
 
 #include "normkit/error.hpp"
@@ -33,5 +34,17 @@ void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char
 
 // True when y is exactly x (in-place call).
 bool same_memory(const TensorRef& a, const TensorRef& b);
+
+// An argument and its name, for check_disjoint.
+struct NamedRef {
+  const TensorRef& ref;
+  const char* name;
+};
+
+// Outputs share no memory with other arguments: each given, non-empty view in
+// `outputs` is compared with the outputs after it and with every view in
+// `others`, by the bytes they span. The in-place pairs a function allows
+// (y = x, dx = x or dx = dy) are checked elsewhere and left out of both lists.
+void check_disjoint(std::initializer_list<NamedRef> outputs, std::initializer_list<NamedRef> others);
 
 }  // namespace normkit::core

@@ -543,7 +543,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
                          const TensorRef& dbias, bool training, std::optional<Layout> layout, cudaStream_t stream) {
   const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  norms::check_backward_stats(mean, rstd, g.c, x.dtype);
+  norms::check_backward_stats(mean, rstd, g.c, x.dtype, dx, dweight, dbias);
   affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/false, 1,
                           /*constant_stats=*/!training, stream);
 }
@@ -553,7 +553,7 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
                             const TensorRef& dbias, bool use_input_stats, std::optional<Layout> layout,
                             cudaStream_t stream) {
   const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  norms::check_backward_stats(mean, rstd, g.n * g.c, x.dtype);
+  norms::check_backward_stats(mean, rstd, g.n * g.c, x.dtype, dx, dweight, dbias);
   affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/true, g.c,
                           /*constant_stats=*/!use_input_stats, stream);
 }
@@ -564,7 +564,7 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          cudaStream_t stream) {
   const ChannelGeometry g = norms::check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
   plan::check_num_groups(num_groups, g.c);
-  norms::check_backward_stats(mean, rstd, g.n * num_groups, x.dtype);
+  norms::check_backward_stats(mean, rstd, g.n * num_groups, x.dtype, dx, dweight, dbias);
   affine_channel_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, g, /*per_sample=*/true, num_groups,
                           /*constant_stats=*/false, stream);
 }
@@ -573,7 +573,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
                                      const TensorRef& dx, const TensorRef& dstyle, std::optional<Layout> layout,
                                      cudaStream_t stream) {
   const ChannelGeometry g = norms::check_adain_backward(dy, x, dx, eps, layout);
-  const ChannelGeometry gs = norms::check_adain_backward_map(x, g, style, dx, dstyle);
+  const ChannelGeometry gs = norms::check_adain_backward_map(dy, x, g, style, dx, dstyle);
   Work w(x, "x", stream, x.dtype);
   w.on_device({{&dy, "dy"}, {&style, "style"}, {&dx, "dx"}, {&dstyle, "dstyle"}});
   if (x.numel() == 0 || style.numel() == 0) {
@@ -611,7 +611,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
                                      const TensorRef& dstyle_mean, const TensorRef& dstyle_std,
                                      std::optional<Layout> layout, cudaStream_t stream) {
   const ChannelGeometry g = norms::check_adain_backward(dy, x, dx, eps, layout);
-  norms::check_adain_backward_stats(g, x.dtype, style_mean, style_std, dstyle_mean, dstyle_std);
+  norms::check_adain_backward_stats(dy, x, dx, g, style_mean, style_std, dstyle_mean, dstyle_std);
   Work w(x, "x", stream, x.dtype);
   w.on_device({{&dy, "dy"}, {&style_mean, "style_mean"}, {&style_std, "style_std"}, {&dx, "dx"},
                {&dstyle_mean, "dstyle_mean"}, {&dstyle_std, "dstyle_std"}});

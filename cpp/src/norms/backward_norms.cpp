@@ -116,6 +116,8 @@ kernels::RowsForward check_rows_backward(kernels::RowsNorm norm, const TensorRef
     core::check_param(*out, name, normalized_shape, want);
   }
   check_separate(dweight, dbias);
+  core::check_disjoint({{dweight, "dweight"}, {dbias, "dbias"}},
+                       {{x, "x"}, {dy, "dy"}, {dx, "dx"}, {weight, "weight"}, {mean, "mean"}, {rstd, "rstd"}});
   return f;
 }
 
@@ -132,12 +134,16 @@ ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, 
   plan::check_channel_param(dweight, "dweight", g.c, x.dtype);
   plan::check_channel_param(dbias, "dbias", g.c, x.dtype);
   check_separate(dweight, dbias);
+  core::check_disjoint({{dx, "dx"}, {dweight, "dweight"}, {dbias, "dbias"}}, {{weight, "weight"}});
+  core::check_disjoint({{dweight, "dweight"}, {dbias, "dbias"}}, {{x, "x"}, {dy, "dy"}});
   return g;
 }
 
-void check_backward_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype) {
+void check_backward_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype,
+                          const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) {
   core::check_stats_output(mean, "mean", count, stats_dtype(x_dtype));
   core::check_stats_output(rstd, "rstd", count, stats_dtype(x_dtype));
+  core::check_disjoint({{dx, "dx"}, {dweight, "dweight"}, {dbias, "dbias"}}, {{mean, "mean"}, {rstd, "rstd"}});
 }
 
 ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, double eps,
@@ -149,25 +155,30 @@ ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, co
   return g;
 }
 
-ChannelGeometry check_adain_backward_map(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style,
-                                         const TensorRef& dx, const TensorRef& dstyle) {
+ChannelGeometry check_adain_backward_map(const TensorRef& dy, const TensorRef& x, const ChannelGeometry& g,
+                                         const TensorRef& style, const TensorRef& dx, const TensorRef& dstyle) {
   const ChannelGeometry gs = plan::style_geometry(x, g, style);
   if (gs.s < 1 && x.numel() > 0) core::fail_value("style: has no spatial elements");  // as the forward
   if (dstyle.given) {
     plan::check_output_like(style, dstyle, "dstyle");
-    core::check_no_partial_overlap(dx, dstyle, "dstyle", "dx");
   }
+  core::check_disjoint({{dx, "dx"}, {dstyle, "dstyle"}}, {{style, "style"}});
+  core::check_disjoint({{dstyle, "dstyle"}}, {{x, "x"}, {dy, "dy"}});
   return gs;
 }
 
-void check_adain_backward_stats(const ChannelGeometry& g, DType x_dtype, const TensorRef& style_mean,
-                                const TensorRef& style_std, const TensorRef& dstyle_mean,
-                                const TensorRef& dstyle_std) {
+void check_adain_backward_stats(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                const ChannelGeometry& g, const TensorRef& style_mean, const TensorRef& style_std,
+                                const TensorRef& dstyle_mean, const TensorRef& dstyle_std) {
+  const DType x_dtype = x.dtype;
   const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x_dtype;
   core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
   core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
   if (dstyle_mean.given) core::check_param(dstyle_mean, "dstyle_mean", Dims{g.n, g.c}, pd);
   if (dstyle_std.given) core::check_param(dstyle_std, "dstyle_std", Dims{g.n, g.c}, pd);
+  core::check_disjoint({{dx, "dx"}, {dstyle_mean, "dstyle_mean"}, {dstyle_std, "dstyle_std"}},
+                       {{style_mean, "style_mean"}, {style_std, "style_std"}});
+  core::check_disjoint({{dstyle_mean, "dstyle_mean"}, {dstyle_std, "dstyle_std"}}, {{x, "x"}, {dy, "dy"}});
 }
 
 }  // namespace norms
@@ -386,7 +397,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
                          const TensorRef& dbias, bool training, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  check_backward_stats(mean, rstd, g.c, x.dtype);
+  check_backward_stats(mean, rstd, g.c, x.dtype, dx, dweight, dbias);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -429,7 +440,7 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
                             const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
                             const TensorRef& dbias, bool use_input_stats, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
-  check_backward_stats(mean, rstd, g.n * g.c, x.dtype);
+  check_backward_stats(mean, rstd, g.n * g.c, x.dtype, dx, dweight, dbias);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -464,7 +475,7 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                          const TensorRef& dweight, const TensorRef& dbias, std::optional<Layout> layout) {
   const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
   plan::check_num_groups(num_groups, g.c);
-  check_backward_stats(mean, rstd, g.n * num_groups, x.dtype);
+  check_backward_stats(mean, rstd, g.n * num_groups, x.dtype, dx, dweight, dbias);
   if (x.numel() == 0) {
     write_zeros(dweight);
     write_zeros(dbias);
@@ -498,7 +509,7 @@ AffineGrads adain_backward(const TensorRef& dy, const TensorRef& x, const Tensor
 void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& style, double eps,
                                      const TensorRef& dx, const TensorRef& dstyle, std::optional<Layout> layout) {
   const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
-  const ChannelGeometry gs = check_adain_backward_map(x, g, style, dx, dstyle);
+  const ChannelGeometry gs = check_adain_backward_map(dy, x, g, style, dx, dstyle);
   if (x.numel() == 0 || style.numel() == 0) {
     write_zeros(dstyle);
     return;
@@ -524,7 +535,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
                                      const TensorRef& dstyle_mean, const TensorRef& dstyle_std,
                                      std::optional<Layout> layout) {
   const ChannelGeometry g = check_adain_backward(dy, x, dx, eps, layout);
-  check_adain_backward_stats(g, x.dtype, style_mean, style_std, dstyle_mean, dstyle_std);
+  check_adain_backward_stats(dy, x, dx, g, style_mean, style_std, dstyle_mean, dstyle_std);
   if (x.numel() == 0) {
     write_zeros(dstyle_mean);
     write_zeros(dstyle_std);

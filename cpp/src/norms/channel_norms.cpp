@@ -60,6 +60,13 @@ ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const
   const std::int64_t stats = stats_per_sample ? g.n * g.c : g.c;
   if (mean.given) core::check_stats_output(mean, "mean", stats, stats_dtype(x.dtype));
   if (rstd.given) core::check_stats_output(rstd, "rstd", stats, stats_dtype(x.dtype));
+  // The running statistics are written in training and read in eval: apart
+  // from every other argument either way.
+  core::check_disjoint({{y, "y"}, {mean, "mean"}, {rstd, "rstd"}, {running_mean, "running_mean"},
+                        {running_var, "running_var"}},
+                       {{weight, "weight"}, {bias, "bias"}});
+  core::check_disjoint({{mean, "mean"}, {rstd, "rstd"}, {running_mean, "running_mean"}, {running_var, "running_var"}},
+                       {{x, "x"}});
   return g;
 }
 
@@ -85,6 +92,8 @@ ChannelGeometry check_group_norm(const TensorRef& x, const TensorRef& y, std::in
   check_affine(weight, bias, g.c, x.dtype);
   if (mean.given) core::check_stats_output(mean, "mean", g.n * num_groups, stats_dtype(x.dtype));
   if (rstd.given) core::check_stats_output(rstd, "rstd", g.n * num_groups, stats_dtype(x.dtype));
+  core::check_disjoint({{y, "y"}, {mean, "mean"}, {rstd, "rstd"}}, {{weight, "weight"}, {bias, "bias"}});
+  core::check_disjoint({{mean, "mean"}, {rstd, "rstd"}}, {{x, "x"}});
   return g;
 }
 
@@ -100,6 +109,7 @@ AdainStyleMap check_adain_style_map(const TensorRef& x, const TensorRef& y, cons
   core::check_eps(eps);
   const ChannelGeometry gs = plan::style_geometry(x, g, style);
   if (gs.s < 1 && style.numel() == 0 && x.numel() > 0) core::fail_value("style: has no spatial elements");
+  core::check_disjoint({{y, "y"}}, {{style, "style"}});
   return {g, gs};
 }
 
@@ -111,6 +121,7 @@ ChannelGeometry check_adain_style_stats(const TensorRef& x, const TensorRef& y, 
   const DType pd = (style_mean.given && style_mean.dtype == DType::float32) ? DType::float32 : x.dtype;
   core::check_param(style_mean, "style_mean", Dims{g.n, g.c}, pd);
   core::check_param(style_std, "style_std", Dims{g.n, g.c}, pd);
+  core::check_disjoint({{y, "y"}}, {{style_mean, "style_mean"}, {style_std, "style_std"}});
   return g;
 }
 

@@ -58,15 +58,17 @@ kernels::RowsForward check_rows_backward(kernels::RowsNorm norm, const TensorRef
 ChannelGeometry check_channel_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                                        std::optional<Layout> layout, const TensorRef& weight,
                                        const TensorRef& dweight, const TensorRef& dbias);
-// mean / rstd given to a backward: `count` entries of stats_dtype(x).
-void check_backward_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype);
+// mean / rstd given to a backward: `count` entries of stats_dtype(x), apart
+// from the outputs dx, dweight, dbias.
+void check_backward_stats(const TensorRef& mean, const TensorRef& rstd, std::int64_t count, DType x_dtype,
+                          const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias);
 ChannelGeometry check_adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, double eps,
                                      std::optional<Layout> layout);
 // AdaIN backward from a style map: returns the style's geometry.
-ChannelGeometry check_adain_backward_map(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style,
-                                         const TensorRef& dx, const TensorRef& dstyle);
-void check_adain_backward_stats(const ChannelGeometry& g, DType x_dtype, const TensorRef& style_mean,
-                                const TensorRef& style_std, const TensorRef& dstyle_mean,
-                                const TensorRef& dstyle_std);
+ChannelGeometry check_adain_backward_map(const TensorRef& dy, const TensorRef& x, const ChannelGeometry& g,
+                                         const TensorRef& style, const TensorRef& dx, const TensorRef& dstyle);
+void check_adain_backward_stats(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                                const ChannelGeometry& g, const TensorRef& style_mean, const TensorRef& style_std,
+                                const TensorRef& dstyle_mean, const TensorRef& dstyle_std);
 
 }  // namespace normkit::norms

@@ -120,6 +120,10 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   const DType stats = stats_dtype(x.dtype);
   if (mean.given) core::check_stats_output(mean, "mean", xv.rows, stats);
   if (rstd.given) core::check_stats_output(rstd, "rstd", xv.rows, stats);
+  // (In a backward, mean and rstd are the saved statistics: read, not written;
+  // they are held apart from x and dx all the same.)
+  core::check_disjoint({{y, y_name}, {mean, "mean"}, {rstd, "rstd"}}, {{weight, "weight"}, {bias, "bias"}});
+  core::check_disjoint({{mean, "mean"}, {rstd, "rstd"}}, {{x, "x"}});
 
   kernels::RowsForward p;
   p.norm = norm;
