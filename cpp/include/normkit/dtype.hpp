@@ -38,13 +38,25 @@ struct bfloat16 {
 
 static_assert(sizeof(half) == 2 && sizeof(bfloat16) == 2, "16-bit types must be 2 bytes");
 
-// The element type of a TensorRef (float, double, half, bfloat16).
-enum class DType : std::uint8_t { float32, float64, float16, bfloat16 };
+// OCP float8 E4M3 ("e4m3fn": no infinities; largest finite 448), raw bits.
+// Only ever an output: the quantized store of a norm (normkit/fused.hpp).
+struct float8_e4m3 {
+  std::uint8_t bits = 0;
+};
 
-// "float32", "float64", "float16" or "bfloat16".
+static_assert(sizeof(float8_e4m3) == 1, "float8_e4m3 must be 1 byte");
+
+// The element type of a TensorRef: the four float types, and the two
+// quantized output types (int8, float8_e4m3), which only a quantized norm's
+// output may have (any other argument of those dtypes is an Error).
+enum class DType : std::uint8_t { float32, float64, float16, bfloat16, int8, float8_e4m3 };
+
+// "float32", "float64", "float16", "bfloat16", "int8" or "float8_e4m3".
 const char* to_string(DType dtype);
-// Bytes per element (4, 8, 2, 2).
+// Bytes per element (4, 8, 2, 2, 1, 1).
 int element_size(DType dtype);
+// True for the four float types (the ones a norm reads).
+inline bool is_float(DType dtype) { return dtype != DType::int8 && dtype != DType::float8_e4m3; }
 
 // The dtype that statistics (mean, rstd) and accumulation use: float for
 // float32 and the 16-bit types, double for float64.
@@ -58,6 +70,8 @@ template <> struct dtype_of<float> { static constexpr DType value = DType::float
 template <> struct dtype_of<double> { static constexpr DType value = DType::float64; };
 template <> struct dtype_of<half> { static constexpr DType value = DType::float16; };
 template <> struct dtype_of<bfloat16> { static constexpr DType value = DType::bfloat16; };
+template <> struct dtype_of<std::int8_t> { static constexpr DType value = DType::int8; };
+template <> struct dtype_of<float8_e4m3> { static constexpr DType value = DType::float8_e4m3; };
 template <class T> struct dtype_of<const T> : dtype_of<T> {};
 
 // acc_t<T>: the accumulation / statistics type for element type T.

@@ -13,6 +13,8 @@ const char* to_string(DType dtype) {
     case DType::float64: return "float64";
     case DType::float16: return "float16";
     case DType::bfloat16: return "bfloat16";
+    case DType::int8: return "int8";
+    case DType::float8_e4m3: return "float8_e4m3";
   }
   return "unknown";
 }
@@ -23,6 +25,8 @@ int element_size(DType dtype) {
     case DType::float64: return 8;
     case DType::float16:
     case DType::bfloat16: return 2;
+    case DType::int8:
+    case DType::float8_e4m3: return 1;
   }
   return 0;
 }
