@@ -44,8 +44,8 @@ float16 element); group_norm reads x and writes y; rms_norm int8 reads 4 bytes a
 GB/s counts those bytes; the limit is the fastest copy moving as many bytes (half of them read, half
 written: glibc memcpy on 1 and 2 threads, and with forced non-temporal stores in a helper process),
 measured in the same rounds; "frac" = limit time / time. The int8 case's traffic is 4 reads : 1 write
-against a copy's 1 : 1 (reads are the cheaper half here), so its limit is an estimate that does not
-flatter the kernel.
+against a copy's 1 : 1, so its limit is an estimate; it sets the bar high rather than low (PERFORMANCE.md:
+2 threads read DRAM at ~35 GB/s, a streaming copy moves ~49 GB/s).
 
 Timing (see bench_rows.py for the measurements behind the defaults of --spin, --gap-ms, --prime,
 --hugepages and --out-offset): per case and thread count, every implementation is timed round-robin
