@@ -46,6 +46,8 @@ import numpy as np
 from . import _cuda, _ext
 from ._channels import Layout, _layout
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, empty, is_bf16
+from ._epilogue import ACTIVATIONS
+from ._epilogue import parse as parse_epilogue
 from ._functional import _eps, _normalized_shape
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
@@ -287,11 +289,22 @@ class _Layer:
     def _extra_repr(self) -> str:
         return ""
 
+    def _set_activation_name(self, activation) -> None:
+        self._set_activation(parse_epilogue(activation).activation)
+
+    @property
+    def activation(self):
+        """The activation after the affine ("relu", "silu", "gelu", "gelu_tanh"), or None."""
+        code = self._activation_code
+        return None if code == 0 else ACTIVATIONS[code - 1]
+
     def __repr__(self) -> str:
         extra = self._extra_repr()
         layout = getattr(self, "_layout_name", None)
         if layout is not None:
             extra += f", layout={layout}"
+        if self.activation is not None:
+            extra += f", activation={self.activation!r}"
         if self._dtype_name != "float32":
             extra += f", dtype={self._dtype_name}"
         return f"{type(self).__name__}({extra})"
@@ -306,7 +319,8 @@ class _Layer:
             if value is not None:
                 grads[key] = value.copy()
         extra = {k: v for k, v in self.__dict__.items() if k != "_saved_x"}
-        return (_rebuild, (type(self), self._init_args(), self.state_dict(), grads, self.training, extra))
+        init_args = dict(self._init_args(), activation=self.activation)
+        return (_rebuild, (type(self), init_args, self.state_dict(), grads, self.training, extra))
 
 
 def _rebuild(cls, init_args, state, grads, training, extra):
@@ -351,7 +365,7 @@ class _RunningNorm(_Layer):
     num_batches_tracked = _num_batches_tracked_property()
     layout = _layout_property()
 
-    def _init(self, base, num_features, eps, momentum, affine, track_running_stats, layout, dtype):
+    def _init(self, base, num_features, eps, momentum, affine, track_running_stats, layout, dtype, activation):
         base.__init__(
             self,
             _int(num_features, "num_features"),
@@ -362,6 +376,7 @@ class _RunningNorm(_Layer):
             _layout(layout),
             _dtype_name(dtype),
         )
+        self._set_activation_name(activation)
         self._saved_x = None
 
     def _extra_repr(self) -> str:
@@ -393,8 +408,8 @@ class BatchNorm(_RunningNorm, _ext._BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 layout=None, dtype=np.float32):
-        self._init(_ext._BatchNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype)
+                 layout=None, dtype=np.float32, activation=None):
+        self._init(_ext._BatchNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype, activation)
 
 
 class InstanceNorm(_RunningNorm, _ext._InstanceNorm):
@@ -407,8 +422,9 @@ class InstanceNorm(_RunningNorm, _ext._InstanceNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
-                 layout=None, dtype=np.float32):
-        self._init(_ext._InstanceNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype)
+                 layout=None, dtype=np.float32, activation=None):
+        self._init(_ext._InstanceNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype,
+                   activation)
 
 
 class GroupNorm(_Layer, _ext._GroupNorm):
@@ -420,7 +436,8 @@ class GroupNorm(_Layer, _ext._GroupNorm):
     weight, bias, grad_weight, grad_bias = _WEIGHT, _BIAS, _GRAD_WEIGHT, _GRAD_BIAS
     layout = _layout_property()
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout=None, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, layout=None, dtype=np.float32,
+                 activation=None):
         _ext._GroupNorm.__init__(
             self,
             _int(num_groups, "num_groups"),
@@ -430,6 +447,7 @@ class GroupNorm(_Layer, _ext._GroupNorm):
             _layout(layout),
             _dtype_name(dtype),
         )
+        self._set_activation_name(activation)
         self._saved_x = None
 
     def _extra_repr(self) -> str:
@@ -447,10 +465,12 @@ class LayerNorm(_Layer, _ext._LayerNorm):
     _STATE_KEYS = ("weight", "bias")
     weight, bias, grad_weight, grad_bias = _WEIGHT, _BIAS, _GRAD_WEIGHT, _GRAD_BIAS
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,
+                 activation=None):
         _ext._LayerNorm.__init__(
             self, list(_normalized_shape(normalized_shape)), _eps(eps), bool(elementwise_affine), bool(bias),
             _dtype_name(dtype))
+        self._set_activation_name(activation)
         self._saved_x = None
 
     @property
@@ -476,10 +496,11 @@ class RMSNorm(_Layer, _ext._RMSNorm):
     _STATE_KEYS = ("weight",)
     weight, grad_weight = _WEIGHT, _GRAD_WEIGHT
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, activation=None):
         _ext._RMSNorm.__init__(
             self, list(_normalized_shape(normalized_shape)), None if eps is None else _eps(eps),
             bool(elementwise_affine), _dtype_name(dtype))
+        self._set_activation_name(activation)
         self._saved_x = None
 
     @property

@@ -99,6 +99,10 @@ void bind_common(C& cls) {
           "training", [](const L& self) { return self.training(); },
           [](L& self, bool mode) { self.train(mode); }, "Training mode (batch statistics, saves for backward).")
       .def_prop_ro("_dtype_name", [](const L& self) { return std::string(normkit::to_string(self.dtype())); })
+      // The activation as the code normkit/_epilogue.py gives (0: none).
+      .def("_set_activation", [](L& self, int code) { self.set_activation(static_cast<normkit::Activation>(code)); },
+           "code"_a)
+      .def_prop_ro("_activation_code", [](const L& self) { return static_cast<int>(self.activation()); })
       .def_prop_ro("eps", [](const L& self) { return self.eps(); });
 }
 

@@ -46,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "normkit/fused.hpp"
 #include "normkit/layout.hpp"
 #include "normkit/tensor.hpp"
 
@@ -104,9 +105,27 @@ class NormLayer {
   void train(bool mode = true) { training_ = mode; }
   // Eval mode: running statistics, nothing saved for backward.
   void eval() { train(false); }
+  // An activation after the affine (normkit/fused.hpp): y = act(norm(x)).
+  // In eval mode (or in place) it is the fused store stage; a training-mode
+  // forward keeps the pre-activation z (x's dtype) so that backward() applies
+  // act'(z) to dy before the norm's own gradient.
+  Activation activation() const { return activation_; }
+  void set_activation(Activation activation);
 
  protected:
+  // The store stage of a forward that saves nothing.
+  Epilogue epilogue() const;
+  // Whether a training-mode forward has to keep z (then it runs the norm
+  // plain into y and calls activate_saved(y)).
+  bool keeps_preactivation() const { return activation_ != Activation::none; }
+  // y holds z: saves it, then overwrites y with act(z).
+  void activate_saved(const TensorRef& y);
+  // dy itself, or dy * act'(z) (into a buffer of this layer) for the norm's backward.
+  TensorRef activation_grad(const TensorRef& dy);
+
   bool training_ = true;
+  Activation activation_ = Activation::none;
+  Buffer saved_z_, scratch_dy_;
 };
 
 // torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True).

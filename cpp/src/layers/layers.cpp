@@ -198,6 +198,100 @@ void Buffer::resize(DType dtype, Dims shape) {
   defined_ = true;
 }
 
+// ---- the activation of every layer ---------------------------------------------
+
+namespace {
+
+// Calls f(offset) for each element of t in row-major order (offsets in elements).
+template <class F>
+void for_each_offset(const TensorRef& t, F&& f) {
+  const int rank = t.shape.size();
+  std::int64_t index[kMaxRank] = {};
+  std::int64_t offset = 0;
+  for (std::int64_t n = 0, total = t.numel(); n < total; ++n) {
+    f(offset);
+    for (int d = rank - 1; d >= 0; --d) {
+      if (++index[d] < t.shape[d]) {
+        offset += t.strides[d];
+        break;
+      }
+      offset -= (t.shape[d] - 1) * t.strides[d];
+      index[d] = 0;
+    }
+  }
+}
+
+constexpr double kSqrtHalf = 0.70710678118654752440;  // 1 / sqrt(2)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+
+double activate(double z, Activation act) {
+  switch (act) {
+    case Activation::none: return z;
+    case Activation::relu: return z < 0 ? 0.0 : z;
+    case Activation::silu: return z / (1.0 + std::exp(-z));
+    case Activation::gelu: return 0.5 * z * std::erfc(-z * kSqrtHalf);
+    case Activation::gelu_tanh: return 0.5 * z * (1.0 + std::tanh(kSqrt2OverPi * (z + 0.044715 * z * z * z)));
+  }
+  return z;
+}
+
+// d act(z) / dz.
+double activation_derivative(double z, Activation act) {
+  switch (act) {
+    case Activation::none: return 1.0;
+    case Activation::relu: return z > 0 ? 1.0 : 0.0;
+    case Activation::silu: {
+      const double s = 1.0 / (1.0 + std::exp(-z));
+      return s * (1.0 + z * (1.0 - s));
+    }
+    case Activation::gelu: return 0.5 * std::erfc(-z * kSqrtHalf) + z * std::exp(-0.5 * z * z) * 0.39894228040143267794;
+    case Activation::gelu_tanh: {
+      const double t = std::tanh(kSqrt2OverPi * (z + 0.044715 * z * z * z));
+      return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * kSqrt2OverPi * (1.0 + 3 * 0.044715 * z * z);
+    }
+  }
+  return 1.0;
+}
+
+}  // namespace
+
+void NormLayer::set_activation(Activation activation) {
+  if (static_cast<int>(activation) > static_cast<int>(Activation::gelu_tanh))
+    core::fail_value("activation: unknown value " + std::to_string(static_cast<int>(activation)));
+  activation_ = activation;
+}
+
+Epilogue NormLayer::epilogue() const {
+  Epilogue e;
+  e.activation = activation_;
+  return e;
+}
+
+void NormLayer::activate_saved(const TensorRef& y) {
+  saved_z_.resize(y.dtype, y.shape);
+  const TensorRef z = saved_z_.ref();
+  std::int64_t i = 0;
+  for_each_offset(y, [&](std::int64_t offset) {
+    const double v = plan::read_element(y, offset);
+    plan::write_element(z, i++, v);
+    plan::write_element(y, offset, activate(v, activation_));
+  });
+}
+
+TensorRef NormLayer::activation_grad(const TensorRef& dy) {
+  if (activation_ == Activation::none) return dy;
+  const TensorRef z = saved_z_.ref();
+  if (!dy.given || dy.shape != z.shape || dy.dtype != z.dtype) return dy;  // the norm's backward names the error
+  scratch_dy_.resize(dy.dtype, dy.shape);
+  const TensorRef g = scratch_dy_.ref();
+  std::int64_t i = 0;
+  for_each_offset(dy, [&](std::int64_t offset) {
+    plan::write_element(g, i, plan::read_element(dy, offset) * activation_derivative(plan::read_element(z, i), activation_));
+    ++i;
+  });
+  return g;
+}
+
 // ---- LayerNorm ------------------------------------------------------------------
 
 LayerNorm::LayerNorm(Dims normalized_shape, double eps, bool elementwise_affine, bool bias, DType dtype)
@@ -218,11 +312,12 @@ void LayerNorm::forward(const TensorRef& x, const TensorRef& y) {
   const bool keep = keeps_x(training_, x, y);
   const std::int64_t rows = keep ? leading_rows(x, normalized_shape_.size()) : -1;
   if (rows < 0) {  // eval, in place, or an x the norm will reject
-    layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_);
+    layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, {}, {}, epilogue());
     return;
   }
   layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, stats_output(saved_mean_, x.dtype, rows),
              stats_output(saved_rstd_, x.dtype, rows));
+  if (keeps_preactivation()) activate_saved(y);
   saved_x_ = x;
   has_saved_ = true;
 }
@@ -231,8 +326,8 @@ void LayerNorm::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  layer_norm_backward(dy, saved_x_, saved_mean_.ref(), saved_rstd_.ref(), normalized_shape_, weight_.ref(), dx, dw,
-                      db);
+  layer_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), normalized_shape_,
+                      weight_.ref(), dx, dw, db);
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
   has_saved_ = false;
@@ -262,10 +357,11 @@ void RMSNorm::forward(const TensorRef& x, const TensorRef& y) {
   const bool keep = keeps_x(training_, x, y);
   const std::int64_t rows = keep ? leading_rows(x, normalized_shape_.size()) : -1;
   if (rows < 0) {
-    rms_norm(x, y, normalized_shape_, weight_.ref(), eps_);
+    rms_norm(x, y, normalized_shape_, weight_.ref(), eps_, {}, epilogue());
     return;
   }
   rms_norm(x, y, normalized_shape_, weight_.ref(), eps_, stats_output(saved_rstd_, x.dtype, rows));
+  if (keeps_preactivation()) activate_saved(y);
   saved_x_ = x;
   has_saved_ = true;
 }
@@ -273,7 +369,7 @@ void RMSNorm::forward(const TensorRef& x, const TensorRef& y) {
 void RMSNorm::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
-  rms_norm_backward(dy, saved_x_, saved_rstd_.ref(), normalized_shape_, weight_.ref(), dx, dw);
+  rms_norm_backward(activation_grad(dy), saved_x_, saved_rstd_.ref(), normalized_shape_, weight_.ref(), dx, dw);
   accumulate(grad_weight_, scratch_grad_weight_);
   has_saved_ = false;
   saved_x_ = {};
@@ -344,8 +440,10 @@ void BatchNorm::forward(const TensorRef& x, const TensorRef& y) {
     mean = stats_output(saved_mean_, x.dtype, g.c);
     rstd = stats_output(saved_rstd_, x.dtype, g.c);
   }
-  batch_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), batch_stats, factor, eps_, layout_, mean, rstd);
+  batch_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), batch_stats, factor, eps_, layout_, mean, rstd,
+             keep ? Epilogue{} : epilogue());
   if (update) ++num_batches_tracked_;
+  if (keep && keeps_preactivation()) activate_saved(y);
   if (keep) {
     saved_x_ = x;
     saved_training_stats_ = batch_stats;
@@ -357,7 +455,7 @@ void BatchNorm::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  batch_norm_backward(dy, saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
+  batch_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
                       saved_training_stats_, layout_);
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
@@ -407,7 +505,9 @@ void InstanceNorm::forward(const TensorRef& x, const TensorRef& y) {
     mean = stats_output(saved_mean_, x.dtype, g.n * g.c);
     rstd = stats_output(saved_rstd_, x.dtype, g.n * g.c);
   }
-  instance_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), input_stats, factor, eps_, layout_, mean, rstd);
+  instance_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), input_stats, factor, eps_, layout_, mean, rstd,
+                keep ? Epilogue{} : epilogue());
+  if (keep && keeps_preactivation()) activate_saved(y);
   if (keep) {
     saved_x_ = x;
     saved_input_stats_ = input_stats;
@@ -419,7 +519,7 @@ void InstanceNorm::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  instance_norm_backward(dy, saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
+  instance_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
                          saved_input_stats_, layout_);
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
@@ -466,7 +566,9 @@ void GroupNorm::forward(const TensorRef& x, const TensorRef& y) {
     mean = stats_output(saved_mean_, x.dtype, g.n * num_groups_);
     rstd = stats_output(saved_rstd_, x.dtype, g.n * num_groups_);
   }
-  group_norm(x, y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, mean, rstd);
+  group_norm(x, y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, mean, rstd,
+             keep ? Epilogue{} : epilogue());
+  if (keep && keeps_preactivation()) activate_saved(y);
   if (keep) {
     saved_x_ = x;
     has_saved_ = true;
@@ -477,7 +579,7 @@ void GroupNorm::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  group_norm_backward(dy, saved_x_, saved_mean_.ref(), saved_rstd_.ref(), num_groups_, weight_.ref(), dx, dw, db,
+  group_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), num_groups_, weight_.ref(), dx, dw, db,
                       layout_);
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
