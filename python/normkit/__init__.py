@@ -2,7 +2,8 @@
 
 Functions: layer_norm, rms_norm, batch_norm, instance_norm, group_norm,
 adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...), and
-their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward.
+their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward;
+fold_batch_norm (BatchNorm folded into the convolution before it).
 Runtime: set_num_threads, get_num_threads, info.
 See README.md for the whole surface.
 """
@@ -19,6 +20,7 @@ from ._backward import (
     rms_norm_backward,
 )
 from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
+from ._fold import fold_batch_norm
 from ._functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from ._layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
@@ -65,6 +67,7 @@ __all__ = [
     "instance_norm_backward",
     "group_norm_backward",
     "adaptive_instance_norm_backward",
+    "fold_batch_norm",
     "BatchNorm",
     "GroupNorm",
     "InstanceNorm",

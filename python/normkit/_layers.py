@@ -48,6 +48,7 @@ from ._channels import Layout, _layout
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, empty, is_bf16
 from ._epilogue import ACTIVATIONS
 from ._epilogue import parse as parse_epilogue
+from ._fold import _groups, new_outputs, prepare_weight
 from ._functional import _eps, _normalized_shape
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
@@ -410,6 +411,25 @@ class BatchNorm(_RunningNorm, _ext._BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  layout=None, dtype=np.float32, activation=None):
         self._init(_ext._BatchNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype, activation)
+
+    def fold(self, weight, bias=None, *, transpose=False, groups=1):
+        """The layer, in inference form, folded into the convolution or linear
+        layer before it: ``normkit.fold_batch_norm`` with this layer's running
+        statistics, eps and (if affine) weight and bias. Returns new arrays
+        ``(folded_weight, folded_bias)`` of weight's dtype, which must be the
+        layer's (or float16/bfloat16 for a float32 layer); C_out must be
+        num_features. Needs ``track_running_stats``. Changes nothing.
+        """
+        weight, bias = prepare_weight(weight, bias)
+        transpose = bool(transpose)
+        groups = _groups(groups)
+        folded_weight, folded_bias = new_outputs(weight, transpose, groups)
+        if is_bf16(weight.dtype):
+            self._fold(weight.view(_UINT16), None if bias is None else bias.view(_UINT16),
+                       folded_weight.view(_UINT16), folded_bias.view(_UINT16), transpose, groups, True)
+        else:
+            self._fold(weight, bias, folded_weight, folded_bias, transpose, groups, False)
+        return folded_weight, folded_bias
 
 
 class InstanceNorm(_RunningNorm, _ext._InstanceNorm):

@@ -27,6 +27,7 @@ using namespace nb::literals;
 using namespace normkit_python;
 
 void bind_layers(nb::module_& m);  // layers_bind.cpp
+void bind_fold(nb::module_& m);    // fold_bind.cpp (after bind_layers: adds _BatchNorm._fold)
 void bind_cuda(nb::module_& m);    // cuda_bind.cpp
 
 NB_MODULE(_ext, m) {
@@ -322,5 +323,6 @@ NB_MODULE(_ext, m) {
   });
 
   bind_layers(m);
+  bind_fold(m);
   bind_cuda(m);
 }

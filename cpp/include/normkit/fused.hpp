@@ -86,9 +86,15 @@ void add_rms_norm(const TensorRef& x, const TensorRef& residual, const TensorRef
 //   transpose [C_in, C_out/groups, ...] (a transposed convolution: output
 //   channel g * (C_out/groups) + j is dim 1 index j of group g's rows).
 // bias, bn_weight, bn_bias: optional (zeros, ones, zeros); running_mean,
-//   running_var: (C_out). All of one float dtype, contiguous.
-// folded_weight: weight's shape and dtype; folded_bias: (C_out). They may be
-//   weight / bias themselves (in place); computed in double.
+//   running_var: (C_out). All contiguous, of one float dtype (float32, float64,
+//   float16, bfloat16), except that for a 16-bit weight each of the BN vectors
+//   (running_mean, running_var, bn_weight, bn_bias) may also be float32.
+// folded_weight: weight's shape and dtype; folded_bias: (C_out), weight's
+//   dtype. They may be weight / bias themselves (in place); any other overlap
+//   of an output with an argument is an Error. Computed in double, each result
+//   rounded once to weight's dtype; running_var = -eps gives inf / NaN, as IEEE.
+// groups > 0 divides weight.shape[0] (C_out, or C_in with transpose); weight
+//   has at least 1 dim (2 with transpose).
 void fold_batch_norm(const TensorRef& weight, const TensorRef& bias, const TensorRef& running_mean,
                      const TensorRef& running_var, double eps, const TensorRef& bn_weight,
                      const TensorRef& bn_bias, const TensorRef& folded_weight, const TensorRef& folded_bias,

@@ -220,6 +220,13 @@ class BatchNorm : public NormLayer {
   void backward(const TensorRef& dy, const TensorRef& dx);
   // Sets the parameter gradients to zero.
   void zero_grad();
+  // Folds this layer, in inference form, into the convolution or linear layer
+  // before it: fold_batch_norm (normkit/fused.hpp) with the running statistics,
+  // eps and (if affine) weight/bias as the BN arguments. C_out must be
+  // num_features; weight's dtype the layer's, or 16-bit with a float32 layer.
+  // Needs track_running_stats (otherwise an Error); does not change the layer.
+  void fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
+            const TensorRef& folded_bias, bool transpose = false, std::int64_t groups = 1) const;
 
   // The constructor's arguments.
   std::int64_t num_features() const { return num_features_; }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "normkit/fused.hpp"
 #include "normkit/norms.hpp"
 #include "plan/channel_plan.hpp"
 
@@ -466,6 +467,28 @@ void BatchNorm::backward(const TensorRef& dy, const TensorRef& dx) {
 void BatchNorm::zero_grad() {
   grad_weight_.fill(0.0);
   grad_bias_.fill(0.0);
+}
+
+void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
+                     const TensorRef& folded_bias, bool transpose, std::int64_t groups) const {
+  if (!track_running_stats_)
+    core::fail_value("fold: needs running statistics (this BatchNorm has track_running_stats=false)");
+  // The layer's vectors are its dtype: the weight must be that, or 16-bit with a float32 layer.
+  if (weight.given && is_float(weight.dtype) && weight.dtype != dtype_ &&
+      !(dtype_ == DType::float32 && is_16bit(weight.dtype)))
+    core::fail_type("weight: dtype " + std::string(to_string(weight.dtype)) + " does not match the layer's " +
+                    to_string(dtype_) + " (weight must have the layer's dtype, or be float16/bfloat16 with a " +
+                    "float32 layer)");
+  // C_out must be num_features (malformed weights and groups: fold_batch_norm reports them).
+  if (weight.given && groups > 0 && weight.shape.size() >= (transpose ? 2 : 1)) {
+    const std::int64_t c_out = transpose ? weight.shape[1] * groups : weight.shape[0];
+    if (c_out != num_features_)
+      core::fail_value("weight: has " + std::to_string(c_out) + " output channels (shape " +
+                       weight.shape.to_string() + (transpose ? ", transposed, groups " + std::to_string(groups) : "") +
+                       "), the layer " + std::to_string(num_features_) + " (num_features)");
+  }
+  fold_batch_norm(weight, bias, running_mean_.ref(), running_var_.ref(), eps_, weight_.ref(), bias_.ref(),
+                  folded_weight, folded_bias, transpose, groups);
 }
 
 // ---- InstanceNorm ---------------------------------------------------------------
