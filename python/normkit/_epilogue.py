@@ -35,26 +35,26 @@ class Epilogue(NamedTuple):
 PLAIN = Epilogue()
 
 
+def _code(value, argument: str, names: tuple) -> int:
+    """0 for None, else 1 + the index of the name."""
+    if value is None:
+        return 0
+    if value not in names:
+        choices = ", ".join(map(repr, names))
+        if not isinstance(value, str):
+            raise TypeError(f"{argument}: expected None or one of {choices}, got {value!r}")
+        raise ValueError(f"{argument}: expected None or one of {choices}, got {value!r}")
+    return 1 + names.index(value)
+
+
 def parse(activation, quantize=None, scale=None, *, dynamic_allowed=True) -> Epilogue:
     """Checks the store-stage arguments; errors name the argument."""
     if activation is None and quantize is None and scale is None:
         return PLAIN
-    act = 0
-    if activation is not None:
-        if not isinstance(activation, str):
-            raise TypeError(f"activation: expected None or a name such as 'silu', got {activation!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
-        act = 1 + ACTIVATIONS.index(activation)
-    q = 0
-    if quantize is not None:
-        if not isinstance(quantize, str):
-            raise TypeError(f"quantize: expected None, 'int8' or 'float8_e4m3', got {quantize!r}")
-        if quantize not in QUANTIZE:
-            raise ValueError(f"quantize: expected None, 'int8' or 'float8_e4m3', got {quantize!r}")
-        if quantize == "float8_e4m3" and FLOAT8_E4M3 is None:
-            raise ValueError("quantize: 'float8_e4m3' outputs are ml_dtypes.float8_e4m3fn arrays: install ml_dtypes")
-        q = 1 + QUANTIZE.index(quantize)
+    act = _code(activation, "activation", ACTIVATIONS)
+    q = _code(quantize, "quantize", QUANTIZE)
+    if quantize == "float8_e4m3" and FLOAT8_E4M3 is None:
+        raise ValueError("quantize: 'float8_e4m3' outputs are ml_dtypes.float8_e4m3fn arrays: install ml_dtypes")
     if scale is not None:
         if q == 0:
             raise ValueError("scale: given without quantize (a scale is for quantized outputs)")

@@ -53,6 +53,21 @@ bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out) {
 }
 
 namespace {
+// An output seen as rows: the same stride rules as x, and rows that do not
+// share memory (a broadcast view: row stride 0, or any stride below the row
+// length, would have one element written as several).
+RowsView output_rows(const TensorRef& t, int k, const std::string& name) {
+  RowsView v;
+  if (!as_rows(t, k, v))
+    core::fail_value(name + ": the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride");
+  if (v.rows > 1 && v.cols > 0 && (v.row_stride < 0 ? -v.row_stride : v.row_stride) < v.cols)
+    core::fail_value(name + ": its rows overlap each other (row stride " + std::to_string(v.row_stride) +
+                     " elements, rows of " + std::to_string(v.cols) +
+                     "): an output must not be a broadcast or self-overlapping view");
+  return v;
+}
+
 // True when x and y are row views with the same row stride whose rows
 // interleave without sharing an element (x = buf[:, :8], y = buf[:, 8:]).
 // Whole-range overlap checks would refuse them; they are fine.
@@ -99,15 +114,7 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   if (!as_rows(x, k, xv))
     core::fail_value("x: the normalized dims must be contiguous and the leading dims must collapse to one "
                      "stride; pass a contiguous copy");
-  if (!as_rows(y, k, yv))
-    core::fail_value(yn + ": the normalized dims must be contiguous and the leading dims must collapse to one "
-                     "stride");
-  // An output whose rows share memory (a broadcast view: row stride 0, or any
-  // stride below the row length) would have one element written as several.
-  if (yv.rows > 1 && yv.cols > 0 && (yv.row_stride < 0 ? -yv.row_stride : yv.row_stride) < yv.cols)
-    core::fail_value(yn + ": its rows overlap each other (row stride " + std::to_string(yv.row_stride) +
-                     " elements, rows of " + std::to_string(yv.cols) +
-                     "): an output must not be a broadcast or self-overlapping view");
+  yv = output_rows(y, k, yn);
   if (y.dtype == x.dtype && !rows_disjoint(x, xv, y, yv)) core::check_no_partial_overlap(x, y, y_name);
 
   const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
@@ -191,14 +198,7 @@ void plan_residual(kernels::RowsForward& p, const TensorRef& x, const TensorRef&
     core::fail_value(sn + ": expected the shape of x " + x.shape.to_string() + ", got " + sum.shape.to_string());
   if (sum.dtype != x.dtype)
     core::fail_type(sn + ": expected dtype " + to_string(x.dtype) + " like x, got " + to_string(sum.dtype));
-  RowsView sv;
-  if (!as_rows(sum, k, sv))
-    core::fail_value(sn + ": the normalized dims must be contiguous and the leading dims must collapse to one "
-                     "stride");
-  if (sv.rows > 1 && sv.cols > 0 && (sv.row_stride < 0 ? -sv.row_stride : sv.row_stride) < sv.cols)
-    core::fail_value(sn + ": its rows overlap each other (row stride " + std::to_string(sv.row_stride) +
-                     " elements, rows of " + std::to_string(sv.cols) +
-                     "): an output must not be a broadcast or self-overlapping view");
+  const RowsView sv = output_rows(sum, k, sn);
 
   // One dtype for weight, bias and residual_bias (x's, or float32 for 16-bit x).
   if (residual_bias.given) {
