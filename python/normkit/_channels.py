@@ -44,7 +44,7 @@ def _channel_input(x):
 def _channel_output(out, x, given, epilogue=PLAIN):
     """(array the kernel writes, array to copy it into afterwards or None)."""
     if epilogue.quantize:
-        return quantized_output(out, x.shape, epilogue)
+        return quantized_output(out, x.shape, epilogue, given)
     if out is None:
         return empty(x.shape, x.dtype), None
     out = check_out(out, x)

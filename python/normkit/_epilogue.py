@@ -97,15 +97,18 @@ def check_quantized_out(out, epilogue: Epilogue) -> np.ndarray:
     return out
 
 
-def quantized_output(out, shape, epilogue: Epilogue):
+def quantized_output(out, shape, epilogue: Epilogue, given):
     """(array the kernel writes, array to copy it into afterwards or None) for a
     quantized call: a fresh array, `out` itself, or for a non-contiguous `out`
-    a fresh array copied into it once."""
+    a fresh array copied into it once. `given` is x as the caller passed it: a
+    quantized output may not share memory with it (the core checks the direct case)."""
     dtype = output_dtype(epilogue, None)
     if out is None:
         return empty(shape, dtype), None
     out = check_quantized_out(out, epilogue)
     if out.shape == tuple(shape) and not out.flags.c_contiguous:
+        if np.shares_memory(out, given):
+            raise ValueError("out: shares memory with x (an output must not overlap any other argument)")
         return empty(shape, dtype), out
     return out, None
 

@@ -59,7 +59,7 @@ def _output(out, x, k, given, epilogue=PLAIN):
     """(array the kernel writes, array to copy it into afterwards or None).
     `given` is x as the caller passed it (x itself may be a contiguous copy)."""
     if epilogue.quantize:
-        return quantized_output(out, x.shape, epilogue)
+        return quantized_output(out, x.shape, epilogue, given)
     if out is None:
         return empty(x.shape, x.dtype), None
     out = check_out(out, x)
