@@ -13,13 +13,13 @@
   a low threshold (``GLIBC_TUNABLES``) supplies the streaming variant. The limit is the fastest of
   all the variants, so "fraction of limit" never flatters a kernel.
 - ``copy_server_main``: that helper (``python _harness.py --copy-server``).
-- What the benchmark scripts (bench_rows.py, bench_channels.py, bench_backward.py) share around
-  their cases: the command line (``parse_args``), the environment and the libraries under test
+- What the benchmark scripts (bench_rows.py, bench_channels.py, bench_backward.py, bench_fused.py)
+  share around their cases: the command line (``parse_args``), the environment and the libraries under test
   (``configure_environment``, ``load_libraries``), validation (``Impl``, ``validate_impls``,
   ``max_rel_err``, ``tolerance``), PyTorch and ONNX Runtime plumbing (``to_torch``,
   ``ort_session``, ``ort_impls``, ...), the per-thread-count run (``run_threads``), the header,
-  the target block and the markdown file (``header_lines``, ``target_rows``, ``print_targets``,
-  ``write_markdown``) and the main loop (``main``).
+  the target block, the markdown file and the raw numbers as JSON (``header_lines``, ``target_rows``,
+  ``print_targets``, ``write_markdown``, ``write_json``) and the main loop (``main``).
 
 Importing this module imports only the standard library, so that a benchmark script can parse
 its command line and set the environment (OpenMP, OpenBLAS, allocator) first; NumPy is imported by
@@ -404,21 +404,27 @@ def loadavg() -> str:
 # command line, environment and the libraries under test
 
 
-def parse_args(doc, cases, libs, reps_default, reps_note="", out_offset_note="", argv=None):
+def parse_args(doc, cases, libs, reps_default, reps_note="", out_offset_note="", argv=None,
+               threads_default="1,2", extra_args=None):
     """The benchmark scripts' common command line. doc: the script's docstring (its first paragraph
     is the description); cases: the case names (--cases takes names or globs); libs: the
     implementations --libs may name; reps_default: --reps without --quick. reps_note and
-    out_offset_note: text added to those options' help."""
+    out_offset_note: text added to those options' help. threads_default: --threads without it.
+    extra_args(ap): adds a script's own options to the argparse parser."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions, short samples (smoke test)")
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--threads", default=threads_default,
+                    help=f"comma-separated thread counts (default {threads_default})")
     ap.add_argument("--cases", default="all",
                     help="comma-separated case names or globs (default all): " + ", ".join(cases))
     ap.add_argument("--libs", default=",".join(libs),
                     help="comma-separated implementations to time (default all): " + ", ".join(libs)
                     + " (normkit is always timed; the others are skipped if not installed)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the results as markdown to FILE")
+    ap.add_argument("--json", metavar="FILE",
+                    help="also write the raw numbers (header, every result row with its samples' "
+                         "median, targets, notes) as JSON to FILE")
     ap.add_argument("--reps", type=int,
                     help=f"samples per implementation (default {reps_default}{reps_note}; 5 with --quick)")
     ap.add_argument("--warmup", type=int, help="warm-up calls before calibration (default 3; 1 with --quick)")
@@ -446,6 +452,8 @@ def parse_args(doc, cases, libs, reps_default, reps_note="", out_offset_note="",
                          "copy destination) starts BYTES after one (default 0)" + out_offset_note)
     ap.add_argument("--no-streaming-limit", action="store_true",
                     help="do not start the helper process that measures memcpy with non-temporal stores")
+    if extra_args is not None:
+        extra_args(ap)
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     if not args.threads or min(args.threads) < 1:
@@ -705,10 +713,12 @@ def ort_initializer(name, a):
     return numpy_helper.from_array(a, name)
 
 
-def ort_model_bytes(node, inputs, outputs, inits, opset):
-    """A serialized one-node ONNX model (graph "norm", default domain at opset, IR version <= 10)."""
+def ort_model_bytes(node, inputs, outputs, inits, opset, domains=()):
+    """A serialized one-node ONNX model (graph "norm", default domain at opset, IR version <= 10).
+    domains: further (domain, version) opset imports, e.g. ("com.microsoft", 1) for ORT's contrib ops."""
     graph = helper.make_graph([node], "norm", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
+                              + [helper.make_opsetid(d, v) for d, v in domains])
     model.ir_version = min(model.ir_version, 10)
     return model.SerializeToString()
 
@@ -745,29 +755,37 @@ def ort_ortvalue(a):
     return ort.OrtValue.ortvalue_from_numpy(a)
 
 
-def ort_impls(model, threads, x, y, extra_outputs=()):
+def ort_impls(model, threads, x, y, extra_outputs=(), extra_inputs=(), all_outputs=False):
     """ONNX Runtime on a fresh session with ``threads`` intra-op threads: session.run() (fresh
     output; not for bfloat16) and run_with_iobinding into the preallocated y ("onnxruntime out=").
-    The model reads "X" and writes "Y", then the outputs named in extra_outputs, a list of (name,
-    preallocated array) bound for the out= variant."""
+    The model reads "X", then the inputs named in extra_inputs, a list of (name, array), and writes
+    "Y", then the outputs named in extra_outputs, a list of (name, preallocated array) bound for
+    the out= variant. all_outputs: the implementations' output for validation is the tuple of
+    every output (else Y alone)."""
     sess = ort_session(model, threads)
     outs = ["Y"] + [name for name, _ in extra_outputs]
     impls = []
     if x.dtype != BF16:
-        feeds = {"X": x}
+        feeds = {"X": x, **dict(extra_inputs)}
         f = lambda: sess.run(outs, feeds)  # noqa: E731
-        impls.append(Impl("onnxruntime", f, lambda: f()[0], "onnxruntime"))
+        impls.append(Impl("onnxruntime", f, (lambda: tuple(f())) if all_outputs else (lambda: f()[0]),
+                          "onnxruntime"))
     xv, yv = ort_ortvalue(x), ort_ortvalue(y)
     if xv.data_ptr() != x.ctypes.data or yv.data_ptr() != y.ctypes.data:
         raise RuntimeError("OrtValue does not share the NumPy buffer")
     bind = sess.io_binding()
     bind.bind_ortvalue_input("X", xv)
+    iv = [ort_ortvalue(a) for _, a in extra_inputs]
+    for (name, _), v in zip(extra_inputs, iv):
+        bind.bind_ortvalue_input(name, v)
     bind.bind_ortvalue_output("Y", yv)
-    ev = [ort.OrtValue.ortvalue_from_numpy(a) for _, a in extra_outputs]
+    ev = [ort_ortvalue(a) for _, a in extra_outputs]
     for (name, _), v in zip(extra_outputs, ev):
         bind.bind_ortvalue_output(name, v)
     g = lambda: sess.run_with_iobinding(bind)  # noqa: E731
-    impls.append(Impl("onnxruntime out=", g, lambda: (g(), y)[1], "onnxruntime"))
+    outs_bound = (y,) + tuple(a for _, a in extra_outputs)
+    impls.append(Impl("onnxruntime out=", g,
+                      (lambda: (g(), outs_bound)[1]) if all_outputs else (lambda: (g(), y)[1]), "onnxruntime"))
     return impls  # the closures keep the session, the binding and the buffers alive
 
 
@@ -844,6 +862,8 @@ def log_results(c, t, lib_entries, copy_entries, log, results):
             "x_nk": e.median / nk_fresh if nk_fresh else float("nan"),
             "x_nk_out": e.median / nk_out if nk_out else float("nan"),
             "limit_s": lim, "limit_gbps": c.bytes / lim / 1e9, "limit_name": best_copy.name,
+            "bytes": c.bytes, "samples_s": list(e.samples),
+            "limit_samples_s": {ce.name: list(ce.samples) for ce in copy_entries},
         }
         results.append(row)
         log(f"   {e.name:<18}{fmt_ms(e.median):>11}{100 * e.spread:>5.0f}%{e.k:>7}{row['gbps']:>8.1f}"
@@ -1007,6 +1027,31 @@ def write_markdown(path, title, issue, header, results, targets, notes, legend=N
         f.write("\n".join(L))
 
 
+def _json_safe(v):
+    """v with NaN/inf floats as None and tuples as lists (strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if np is not None and isinstance(v, np.generic):
+        return _json_safe(v.item())
+    return v
+
+
+def write_json(path, title, issue, header, results, targets, notes):
+    """The raw numbers as JSON: header (key -> value), results (one dict per implementation and
+    thread count: median_s, iqr, frac, x_nk, ...), targets (case, threads, target, fresh, out=) and
+    notes."""
+    doc = {"title": title, "issue": issue, "header": dict(header), "results": results,
+           "targets": [dict(zip(("case", "threads", "target", "fresh", "out"), t)) for t in targets],
+           "notes": notes}
+    with open(path, "w") as f:
+        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
 def main(args, name, what, issue, make_header, make_case, run_case, make_targets,
          skip_failed_cases=False, report_total_time=False, inference_mode=True, legend=None):
     """A benchmark script's main loop: print the header, run every case of args.cases (make_case(name),
@@ -1054,6 +1099,11 @@ def main(args, name, what, issue, make_header, make_case, run_case, make_targets
         header.append(("load average at end", loadavg()))
         write_markdown(args.markdown, f"{name}: {what}", issue, header, results, targets, notes, legend)
         print(f"wrote {args.markdown}")
+    if getattr(args, "json", None):
+        if not args.markdown:
+            header.append(("load average at end", loadavg()))
+        write_json(args.json, f"{name}: {what}", issue, header, results, targets, notes)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

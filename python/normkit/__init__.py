@@ -19,7 +19,7 @@ from ._backward import (
     rms_norm_backward,
 )
 from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
-from ._functional import layer_norm, rms_norm
+from ._functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from ._layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 __version__ = _ext.__version__
@@ -53,6 +53,8 @@ def _set_kernel_path(name: str) -> None:
 __all__ = [
     "layer_norm",
     "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "instance_norm",
     "group_norm",

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
-from ._functional import _eps
+from ._epilogue import PLAIN, parse, quantized_output
+from ._functional import _eps, _no_cuda_epilogue
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
 
@@ -40,8 +41,10 @@ def _channel_input(x):
     return (x if x.flags.c_contiguous else np.ascontiguousarray(x)), is_bf16(x.dtype)
 
 
-def _channel_output(out, x, given):
+def _channel_output(out, x, given, epilogue=PLAIN):
     """(array the kernel writes, array to copy it into afterwards or None)."""
+    if epilogue.quantize:
+        return quantized_output(out, x.shape, epilogue)
     if out is None:
         return empty(x.shape, x.dtype), None
     out = check_out(out, x)
@@ -63,7 +66,7 @@ def _running(stat, name, x_dtype, updated):
     return kernel_view(stat)
 
 
-def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps, out, updates_running):
+def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps, out, updates_running, epilogue):
     """The argument intake batch_norm and instance_norm share."""
     given = as_input(x, "x")
     x, bf16 = _channel_input(given)
@@ -72,7 +75,7 @@ def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     momentum, eps = _momentum(momentum), _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    y, copy_to = _channel_output(out, x, given, epilogue)
     return x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to
 
 
@@ -91,23 +94,27 @@ def _stats(return_stats, shape, x_dtype):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-               *, layout=None, out=None, return_stats=False, stream=None):
+               *, layout=None, activation=None, quantize=None, scale=None, out=None, return_stats=False, stream=None):
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalizes with the batch statistics (biased variance) and
     updates ``running_mean``/``running_var`` in place when given (unbiased
     variance for ``running_var``); otherwise the running statistics are used.
+    ``activation`` ("relu", "silu", "gelu", "gelu_tanh") applies after the affine;
+    ``quantize`` ("int8", "float8_e4m3") with a static ``scale`` gives a quantized output.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (C,).
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, return_stats,
                                 stream)
     training = bool(training)
+    ep = parse(activation, quantize, scale, dynamic_allowed=False)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
-        x, running_mean, running_var, weight, bias, momentum, eps, out, training)
+        x, running_mean, running_var, weight, bias, momentum, eps, out, training, ep)
     mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
     _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
-                    momentum, eps, _layout(layout), mean, rstd, bf16)
+                    momentum, eps, _layout(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
@@ -120,34 +127,41 @@ def _n_c(x, layout):
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5, *, layout=None, out=None, return_stats=False, stream=None):
+                  momentum=0.1, eps=1e-5, *, layout=None, activation=None, out=None, return_stats=False, stream=None):
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     Statistics per (sample, channel) over the spatial axes when ``use_input_stats``
     (running statistics, if given, are updated in place with the batch mean of
     the per-instance statistics), else the running statistics.
+    ``activation`` applies after the affine.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, None, None)
         return _cuda.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
                                    out, return_stats, stream)
     use_input_stats = bool(use_input_stats)
+    ep = parse(activation)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
-        x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats)
+        x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats, ep)
     mean, rstd = _stats(return_stats, _n_c(x, layout), x.dtype)
     _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
-                       use_input_stats, momentum, eps, _layout(layout), mean, rstd, bf16)
+                       use_input_stats, momentum, eps, _layout(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, out=None, return_stats=False, stream=None):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, activation=None, quantize=None,
+               scale=None, out=None, return_stats=False, stream=None):
     """Group normalization, as ``torch.nn.functional.group_norm``: statistics per
     (sample, group of C / num_groups channels), affine per channel.
+    ``activation`` and ``quantize``/``scale`` (static) as for ``batch_norm``.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, num_groups).
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.group_norm(x, num_groups, weight, bias, eps, layout, out, return_stats, stream)
+    ep = parse(activation, quantize, scale, dynamic_allowed=False)
     given = as_input(x, "x")
     x, bf16 = _channel_input(given)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
@@ -155,25 +169,28 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     eps = _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    y, copy_to = _channel_output(out, x, given, ep)
     n = x.shape[0] if x.ndim >= 1 else 0
     mean, rstd = _stats(return_stats, (n, max(int(num_groups), 0)), x.dtype)
     _ext.group_norm(kernel_view(x), kernel_view(y), int(num_groups), kernel_view(weight), kernel_view(bias), eps,
-                    _layout(layout), mean, rstd, bf16)
+                    _layout(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
-def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None, stream=None):
+def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, activation=None, out=None, stream=None):
     """Adaptive instance normalization (AdaIN, Huang & Belongie 2017).
 
     ``y = (x - mean(x)) / sqrt(var(x) + eps) * style_std + style_mean`` per
     (sample, channel), with biased variances. ``style`` is a feature map in the
     same layout with x's N and C (any spatial size; its std is
     ``sqrt(var + eps)``), or a ``(mean, std)`` pair of arrays of shape (N, C).
+    ``activation`` applies after the style's affine.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, None, None)
         return _cuda.adaptive_instance_norm(x, style, eps, layout, out, stream)
+    ep = parse(activation)
     given = as_input(x, "x")
     x, bf16 = _channel_input(given)
     eps = _eps(eps)
@@ -189,5 +206,5 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, out=None, stream=
         style_map = np.ascontiguousarray(style_map)
     y, copy_to = _channel_output(out, x, given)
     _ext.adaptive_instance_norm(kernel_view(x), kernel_view(y), kernel_view(style_map), kernel_view(style_mean),
-                                kernel_view(style_std), eps, _layout(layout), bf16)
+                                kernel_view(style_std), eps, _layout(layout), bf16, ep.activation)
     return _finish(y, copy_to)

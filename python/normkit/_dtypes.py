@@ -10,8 +10,9 @@ try:  # bfloat16 arrays come from ml_dtypes (optional)
     import ml_dtypes as _ml_dtypes
 
     BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+    FLOAT8_E4M3 = np.dtype(_ml_dtypes.float8_e4m3fn)  # quantized outputs only
 except ImportError:  # pragma: no cover - depends on the environment
-    BFLOAT16 = None
+    BFLOAT16 = FLOAT8_E4M3 = None
 
 FLOAT16 = np.dtype(np.float16)
 FLOAT32 = np.dtype(np.float32)
@@ -68,9 +69,13 @@ def as_params(x_dtype, *named):
 
 
 def kernel_view(a: np.ndarray | None):
-    """What the extension receives: bfloat16 travels as a uint16 view."""
-    if a is not None and is_bf16(a.dtype):
-        return a.view(np.uint16)
+    """What the extension receives: bfloat16 travels as a uint16 view, float8_e4m3fn
+    (a quantized output) as a uint8 view."""
+    if a is not None:
+        if is_bf16(a.dtype):
+            return a.view(np.uint16)
+        if FLOAT8_E4M3 is not None and a.dtype == FLOAT8_E4M3:
+            return a.view(np.uint8)
     return a
 
 

@@ -9,8 +9,9 @@ import numpy as np
 
 from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
+from ._epilogue import PLAIN, parse, quantized_output, results
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 
 def _normalized_shape(normalized_shape) -> tuple:
@@ -54,9 +55,11 @@ def _rows_input(x, normalized_shape):
     return x, shape, bf16, given
 
 
-def _output(out, x, k, given):
+def _output(out, x, k, given, epilogue=PLAIN):
     """(array the kernel writes, array to copy it into afterwards or None).
     `given` is x as the caller passed it (x itself may be a contiguous copy)."""
+    if epilogue.quantize:
+        return quantized_output(out, x.shape, epilogue)
     if out is None:
         return empty(x.shape, x.dtype), None
     out = check_out(out, x)
@@ -71,60 +74,164 @@ def _output(out, x, k, given):
     return out, None
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False, stream=None):
+def _no_cuda_epilogue(x, activation, quantize, scale):
+    if activation is not None or quantize is not None or scale is not None:
+        raise ValueError("activation: the CUDA backend has no fused store stage yet (activation, quantize and scale "
+                         "are for CPU arrays)")
+
+
+def _stats_shape(x, k):
+    return x.shape[: x.ndim - k] + (1,) * k
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None, quantize=None, scale=None,
+               out=None, return_stats=False, stream=None):
     """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance,
-    as ``torch.nn.functional.layer_norm``. Returns ``y``, or ``(y, mean, rstd)``
-    with ``return_stats=True`` (statistics of shape ``x.shape[:-k] + (1,)*k``,
-    float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
+    as ``torch.nn.functional.layer_norm``, then ``activation`` ("relu", "silu",
+    "gelu", "gelu_tanh") and ``quantize`` ("int8", "float8_e4m3": static with
+    ``scale=``, else dynamic per row). Returns ``y`` (or ``q``), then the dynamic
+    scales, then ``(mean, rstd)`` with ``return_stats=True`` (statistics of shape
+    ``x.shape[:-k] + (1,)*k``, float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.layer_norm(x, normalized_shape, weight, bias, eps, out, return_stats, stream)
+    ep = parse(activation, quantize, scale)
     x, shape, bf16, given = _rows_input(x, normalized_shape)
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     eps = _eps(eps)
-    y, copy_to = _output(out, x, len(shape), given)
+    y, copy_to = _output(out, x, len(shape), given, ep)
     mean = rstd = None
     if return_stats:
-        stats_shape = x.shape[: x.ndim - len(shape)] + (1,) * len(shape)
-        mean = np.empty(stats_shape, dtype=stats_dtype(x.dtype))
-        rstd = np.empty(stats_shape, dtype=mean.dtype)
-    if bf16:
-        _ext.layer_norm(
-            kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd, True
-        )
+        mean = np.empty(_stats_shape(x, len(shape)), dtype=stats_dtype(x.dtype))
+        rstd = np.empty(mean.shape, dtype=mean.dtype)
+    if ep is PLAIN:
+        if bf16:
+            _ext.layer_norm(
+                kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd, True
+            )
+        else:
+            _ext.layer_norm(x, y, shape, weight, bias, eps, mean, rstd, False)
+        scales = None
     else:
-        _ext.layer_norm(x, y, shape, weight, bias, eps, mean, rstd, False)
+        scales = np.empty(_stats_shape(x, len(shape)), np.float32) if ep.dynamic else None
+        _ext.layer_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), kernel_view(bias), eps, mean, rstd,
+                        bf16, *ep, scales)
     if copy_to is not None:
         np.copyto(copy_to, y)
         y = copy_to
-    return (y, mean, rstd) if return_stats else y
+    return results(y, scales, None, (mean, rstd) if return_stats else ())
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False, stream=None):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, activation=None, quantize=None, scale=None, out=None,
+             return_stats=False, stream=None):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
     ``y = x / sqrt(mean(x**2) + eps) * weight`` as ``torch.nn.functional.rms_norm``;
-    ``eps=None`` means the machine epsilon of ``x``'s dtype. Returns ``y``, or
-    ``(y, rstd)`` with ``return_stats=True``.
+    ``eps=None`` means the machine epsilon of ``x``'s dtype. ``activation`` and
+    ``quantize``/``scale`` as for ``layer_norm``. Returns ``y`` (or ``q``), then the
+    dynamic scales, then ``rstd`` with ``return_stats=True``.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        _no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.rms_norm(x, normalized_shape, weight, eps, out, return_stats, stream)
+    ep = parse(activation, quantize, scale)
     x, shape, bf16, given = _rows_input(x, normalized_shape)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))
     eps = None if eps is None else _eps(eps)
-    y, copy_to = _output(out, x, len(shape), given)
+    y, copy_to = _output(out, x, len(shape), given, ep)
     rstd = None
     if return_stats:
-        rstd = np.empty(x.shape[: x.ndim - len(shape)] + (1,) * len(shape), dtype=stats_dtype(x.dtype))
-    if bf16:
-        _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, True)
+        rstd = np.empty(_stats_shape(x, len(shape)), dtype=stats_dtype(x.dtype))
+    if ep is PLAIN:
+        if bf16:
+            _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, True)
+        else:
+            _ext.rms_norm(x, y, shape, weight, eps, rstd, False)
+        scales = None
     else:
-        _ext.rms_norm(x, y, shape, weight, eps, rstd, False)
+        scales = np.empty(_stats_shape(x, len(shape)), np.float32) if ep.dynamic else None
+        _ext.rms_norm(kernel_view(x), kernel_view(y), shape, kernel_view(weight), eps, rstd, bf16, *ep, scales)
     if copy_to is not None:
         np.copyto(copy_to, y)
         y = copy_to
-    return (y, rstd) if return_stats else y
+    return results(y, scales, None, (rstd,) if return_stats else ())
+
+
+def _viewable_rows(a, k, bf16):
+    return a.flags.c_contiguous or _ext.rows_viewable(kernel_view(a), k, bf16)
+
+
+def _add_rows_norm(rms, x, residual, normalized_shape, weight, bias, eps, residual_bias, activation, quantize, scale,
+                   out, sum_out, return_stats):
+    name = "add_rms_norm" if rms else "add_layer_norm"
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        raise ValueError(f"x: {name} takes CPU arrays (the CUDA backend has no fused forms yet)")
+    ep = parse(activation, quantize, scale)
+    x, shape, bf16, given = _rows_input(x, normalized_shape)
+    k = len(shape)
+    residual = as_input(residual, "residual")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual: expected dtype {x.dtype} like x, got {residual.dtype}")
+    if not _viewable_rows(residual, k, bf16):
+        residual = np.ascontiguousarray(residual)  # read only: a copy is safe
+    if weight is not None or bias is not None or residual_bias is not None:
+        weight, bias, residual_bias = as_params(
+            x.dtype, (weight, "weight"), (bias, "bias"), (residual_bias, "residual_bias")
+        )
+    eps = None if eps is None else _eps(eps)
+    y, copy_to = _output(out, x, k, given, ep)
+    if sum_out is None:
+        s, sum_copy_to = empty(x.shape, x.dtype), None
+    else:
+        s, sum_copy_to = check_out(sum_out, x, "sum_out"), None
+        if s.shape == x.shape and not _viewable_rows(s, k, bf16):
+            if any(np.shares_memory(s, a) for a in (given, residual)):
+                raise ValueError("sum_out: the kernels cannot write this strided view in place; pass a contiguous array")
+            s, sum_copy_to = empty(x.shape, x.dtype), s
+    stats = _stats_shape(x, k)
+    mean = np.empty(stats, dtype=stats_dtype(x.dtype)) if return_stats and not rms else None
+    rstd = np.empty(stats, dtype=stats_dtype(x.dtype)) if return_stats else None
+    scales = np.empty(stats, np.float32) if ep.dynamic else None
+    _ext.add_rows_norm(rms, kernel_view(x), kernel_view(residual), kernel_view(y), kernel_view(s), shape,
+                       kernel_view(weight), kernel_view(bias), eps, kernel_view(residual_bias), mean, rstd, bf16, *ep,
+                       scales)
+    if copy_to is not None:
+        np.copyto(copy_to, y)
+        y = copy_to
+    if sum_copy_to is not None:
+        np.copyto(sum_copy_to, s)
+        s = sum_copy_to
+    if not return_stats:
+        return results(y, scales, s)
+    return results(y, scales, s, (rstd,) if rms else (mean, rstd))
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual_bias=None,
+                   activation=None, quantize=None, scale=None, out=None, sum_out=None, return_stats=False):
+    """Residual add + LayerNorm (ONNX Runtime's SkipLayerNormalization).
+
+    ``s = x + residual (+ residual_bias)``, computed in float32 (float64 for
+    float64 x) and stored once in x's dtype; ``y = layer_norm(s)`` of ``s`` as
+    stored, so it equals ``layer_norm`` on the returned ``s``. ``residual`` has
+    x's shape or x's trailing dims (broadcast over the leading ones).
+    ``activation``/``quantize``/``scale`` as for ``layer_norm``. Returns
+    ``(y, s)``; dynamic scales come after ``y``, ``(mean, rstd)`` at the end with
+    ``return_stats=True``. In place: ``out=x`` and ``sum_out=residual`` (or x).
+    """
+    return _add_rows_norm(False, x, residual, normalized_shape, weight, bias, eps, residual_bias, activation, quantize,
+                          scale, out, sum_out, return_stats)
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, residual_bias=None, activation=None,
+                 quantize=None, scale=None, out=None, sum_out=None, return_stats=False):
+    """Residual add + RMSNorm (vLLM's fused_add_rms_norm, ONNX Runtime's
+    SkipSimplifiedLayerNormalization): as ``add_layer_norm`` with ``y = rms_norm(s)``.
+    Returns ``(y, s)``, with the dynamic scales after ``y`` and ``rstd`` at the end
+    with ``return_stats=True``."""
+    return _add_rows_norm(True, x, residual, normalized_shape, weight, None, eps, residual_bias, activation, quantize,
+                          scale, out, sum_out, return_stats)

@@ -22,9 +22,11 @@ using DeviceArray = nb::ndarray<nb::ro, nb::device::cuda>;
 using OptDeviceArray = std::optional<DeviceArray>;
 
 // DLPack dtype -> normkit dtype. `bf16_as_uint16`: the Python layer passes
-// ml_dtypes bfloat16 arrays as uint16 views (NumPy cannot export bfloat16).
+// ml_dtypes bfloat16 arrays as uint16 views (NumPy cannot export bfloat16);
+// `fp8_as_uint8` likewise float8_e4m3fn outputs as uint8 views. int8 is
+// accepted here and refused by the core wherever it is not a quantized output.
 template <class Array>
-inline normkit::DType to_dtype(const Array& a, const char* argument, bool bf16_as_uint16) {
+inline normkit::DType to_dtype(const Array& a, const char* argument, bool bf16_as_uint16, bool fp8_as_uint8 = false) {
   const auto dt = a.dtype();
   using code = nb::dlpack::dtype_code;
   if (dt.lanes == 1) {
@@ -36,6 +38,9 @@ inline normkit::DType to_dtype(const Array& a, const char* argument, bool bf16_a
     if (dt.code == static_cast<uint8_t>(code::Bfloat) && dt.bits == 16) return normkit::DType::bfloat16;
     if (bf16_as_uint16 && dt.code == static_cast<uint8_t>(code::UInt) && dt.bits == 16)
       return normkit::DType::bfloat16;
+    if (dt.code == static_cast<uint8_t>(code::Int) && dt.bits == 8) return normkit::DType::int8;
+    if (fp8_as_uint8 && dt.code == static_cast<uint8_t>(code::UInt) && dt.bits == 8)
+      return normkit::DType::float8_e4m3;
   }
   throw normkit::Error(normkit::ErrorKind::type,
                        std::string(argument) +
@@ -43,7 +48,7 @@ inline normkit::DType to_dtype(const Array& a, const char* argument, bool bf16_a
 }
 
 template <class... Args>
-inline normkit::TensorRef to_ref(const nb::ndarray<Args...>& a, const char* argument, bool bf16) {
+inline normkit::TensorRef to_ref(const nb::ndarray<Args...>& a, const char* argument, bool bf16, bool fp8 = false) {
   if (a.ndim() > static_cast<size_t>(normkit::kMaxRank))
     throw normkit::Error(normkit::ErrorKind::value, std::string(argument) + ": " + std::to_string(a.ndim()) +
                                                         " dimensions exceed normkit's maximum of " +
@@ -53,12 +58,25 @@ inline normkit::TensorRef to_ref(const nb::ndarray<Args...>& a, const char* argu
     shape.push_back(static_cast<int64_t>(a.shape(i)));
     strides.push_back(static_cast<int64_t>(a.stride(i)));
   }
-  return normkit::TensorRef(const_cast<void*>(a.data()), to_dtype(a, argument, bf16), shape, strides);
+  return normkit::TensorRef(const_cast<void*>(a.data()), to_dtype(a, argument, bf16, fp8), shape, strides);
 }
 
 template <class... Args>
-inline normkit::TensorRef to_ref(const std::optional<nb::ndarray<Args...>>& a, const char* argument, bool bf16) {
-  return a ? to_ref(*a, argument, bf16) : normkit::TensorRef{};
+inline normkit::TensorRef to_ref(const std::optional<nb::ndarray<Args...>>& a, const char* argument, bool bf16,
+                                 bool fp8 = false) {
+  return a ? to_ref(*a, argument, bf16, fp8) : normkit::TensorRef{};
+}
+
+// The store stage from the Python layer's codes (normkit/_epilogue.py checks
+// the names): activation 0..4 and quantize 0..2 in the C++ enums' order.
+inline normkit::Epilogue to_epilogue(int activation, int quantize, std::optional<double> scale,
+                                     const normkit::TensorRef& scales) {
+  normkit::Epilogue e;
+  e.activation = static_cast<normkit::Activation>(activation);
+  e.quantize = static_cast<normkit::Quantize>(quantize);
+  e.scale = scale;
+  e.scales = scales;
+  return e;
 }
 
 inline normkit::Dims to_dims(const std::vector<int64_t>& v) {

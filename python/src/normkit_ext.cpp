@@ -44,33 +44,64 @@ NB_MODULE(_ext, m) {
     }
   });
 
+  // The forward functions take the store stage as (activation, quantize, scale,
+  // scales): codes from normkit/_epilogue.py; `scales` is the dynamic-scales output.
   m.def(
       "layer_norm",
       [](AnyArray x, AnyArray y, std::vector<int64_t> normalized_shape, OptArray weight, OptArray bias,
-         double eps, OptArray mean, OptArray rstd, bool bf16) {
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+         double eps, OptArray mean, OptArray rstd, bool bf16, int activation, int quantize,
+         std::optional<double> scale, OptArray scales) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
         const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
         const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto e = to_epilogue(activation, quantize, scale, to_ref(scales, "scales", false));
         const auto problem = normkit::plan::plan_rows_forward(normkit::kernels::RowsNorm::layer, xr, yr,
-                                                              to_dims(normalized_shape), wr, br, eps, mr, rr, "out");
+                                                              to_dims(normalized_shape), wr, br, eps, mr, rr, "out", e);
         KernelGilRelease release(problem.rows * problem.cols);
         normkit::plan::run_rows_forward(problem, mr, rr);
       },
       "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "bias"_a.none(), "eps"_a, "mean"_a.none(),
-      "rstd"_a.none(), "bf16"_a);
+      "rstd"_a.none(), "bf16"_a, "activation"_a = 0, "quantize"_a = 0, "scale"_a.none() = nb::none(),
+      "scales"_a.none() = nb::none());
 
   m.def(
       "rms_norm",
       [](AnyArray x, AnyArray y, std::vector<int64_t> normalized_shape, OptArray weight, std::optional<double> eps,
-         OptArray rstd, bool bf16) {
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+         OptArray rstd, bool bf16, int activation, int quantize, std::optional<double> scale, OptArray scales) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
         const auto wr = to_ref(weight, "weight", bf16), rr = to_ref(rstd, "rstd", false);
+        const auto e = to_epilogue(activation, quantize, scale, to_ref(scales, "scales", false));
         const auto problem = normkit::plan::plan_rows_forward(normkit::kernels::RowsNorm::rms, xr, yr,
-                                                              to_dims(normalized_shape), wr, {}, eps, {}, rr, "out");
+                                                              to_dims(normalized_shape), wr, {}, eps, {}, rr, "out", e);
         KernelGilRelease release(problem.rows * problem.cols);
         normkit::plan::run_rows_forward(problem, {}, rr);
       },
-      "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "eps"_a.none(), "rstd"_a.none(), "bf16"_a);
+      "x"_a, "y"_a, "normalized_shape"_a, "weight"_a.none(), "eps"_a.none(), "rstd"_a.none(), "bf16"_a,
+      "activation"_a = 0, "quantize"_a = 0, "scale"_a.none() = nb::none(), "scales"_a.none() = nb::none());
+
+  // add_layer_norm (rms: false) and add_rms_norm (rms: true) share one binding.
+  m.def(
+      "add_rows_norm",
+      [](bool rms, AnyArray x, AnyArray residual, AnyArray y, AnyArray sum, std::vector<int64_t> normalized_shape,
+         OptArray weight, OptArray bias, std::optional<double> eps, OptArray residual_bias, OptArray mean,
+         OptArray rstd, bool bf16, int activation, int quantize, std::optional<double> scale, OptArray scales) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
+        const auto res = to_ref(residual, "residual", bf16), sr = to_ref(sum, "sum_out", bf16);
+        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
+        const auto rb = to_ref(residual_bias, "residual_bias", bf16);
+        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
+        const auto e = to_epilogue(activation, quantize, scale, to_ref(scales, "scales", false));
+        const auto shape = to_dims(normalized_shape);
+        const auto norm = rms ? normkit::kernels::RowsNorm::rms : normkit::kernels::RowsNorm::layer;
+        auto problem = normkit::plan::plan_rows_forward(norm, xr, yr, shape, wr, br, rms ? eps : eps.value_or(1e-5),
+                                                        mr, rr, "out", e);
+        normkit::plan::plan_residual(problem, xr, res, rb, sr, yr, wr, br, shape, "out", "sum_out");
+        KernelGilRelease release(problem.rows * problem.cols);
+        normkit::plan::run_rows_forward(problem, mr, rr);
+      },
+      "rms"_a, "x"_a, "residual"_a, "y"_a, "sum"_a, "normalized_shape"_a, "weight"_a.none(), "bias"_a.none(),
+      "eps"_a.none(), "residual_bias"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a, "activation"_a,
+      "quantize"_a, "scale"_a.none(), "scales"_a.none());
 
   nb::enum_<normkit::Layout>(m, "Layout", "Where the channel axis is (N: batch, C: channels, L/H/W/D: spatial).")
       .value("NC", normkit::Layout::NC)
@@ -86,53 +117,59 @@ NB_MODULE(_ext, m) {
   auto running_norm = [](auto norm) {
     return [norm](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight,
                   OptArray bias, bool flag, double momentum, double eps, std::optional<std::string> layout,
-                  OptArray mean, OptArray rstd, bool bf16) {
-      const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+                  OptArray mean, OptArray rstd, bool bf16, int activation, int quantize, std::optional<double> scale) {
+      const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
+      const auto e = to_epilogue(activation, quantize, scale, {});
       const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
       const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
       const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
       const auto lay = to_layout(layout);
       KernelGilRelease release(xr.numel());
-      naming_out([&] { norm(xr, yr, rm, rv, wr, br, flag, momentum, eps, lay, mr, rr); });
+      naming_out([&] { norm(xr, yr, rm, rv, wr, br, flag, momentum, eps, lay, mr, rr, e); });
     };
   };
   m.def("batch_norm", running_norm(&normkit::batch_norm), "x"_a, "y"_a, "running_mean"_a.none(),
         "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(), "training"_a, "momentum"_a, "eps"_a,
-        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a, "activation"_a = 0, "quantize"_a = 0,
+        "scale"_a.none() = nb::none());
   m.def("instance_norm", running_norm(&normkit::instance_norm), "x"_a, "y"_a, "running_mean"_a.none(),
         "running_var"_a.none(), "weight"_a.none(), "bias"_a.none(), "use_input_stats"_a, "momentum"_a, "eps"_a,
-        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+        "layout"_a.none(), "mean"_a.none(), "rstd"_a.none(), "bf16"_a, "activation"_a = 0, "quantize"_a = 0,
+        "scale"_a.none() = nb::none());
 
   m.def(
       "group_norm",
       [](AnyArray x, AnyArray y, int64_t num_groups, OptArray weight, OptArray bias, double eps,
-         std::optional<std::string> layout, OptArray mean, OptArray rstd, bool bf16) {
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
+         std::optional<std::string> layout, OptArray mean, OptArray rstd, bool bf16, int activation, int quantize,
+         std::optional<double> scale) {
+        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
+        const auto e = to_epilogue(activation, quantize, scale, {});
         const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
         const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
         const auto lay = to_layout(layout);
         KernelGilRelease release(xr.numel());
-        naming_out([&] { normkit::group_norm(xr, yr, num_groups, wr, br, eps, lay, mr, rr); });
+        naming_out([&] { normkit::group_norm(xr, yr, num_groups, wr, br, eps, lay, mr, rr, e); });
       },
       "x"_a, "y"_a, "num_groups"_a, "weight"_a.none(), "bias"_a.none(), "eps"_a, "layout"_a.none(),
-      "mean"_a.none(), "rstd"_a.none(), "bf16"_a);
+      "mean"_a.none(), "rstd"_a.none(), "bf16"_a, "activation"_a = 0, "quantize"_a = 0, "scale"_a.none() = nb::none());
 
   m.def(
       "adaptive_instance_norm",
       [](AnyArray x, AnyArray y, OptArray style, OptArray style_mean, OptArray style_std, double eps,
-         std::optional<std::string> layout, bool bf16) {
+         std::optional<std::string> layout, bool bf16, int activation) {
+        const auto e = to_epilogue(activation, 0, std::nullopt, {});
         const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16);
         const auto sr = to_ref(style, "style", bf16);
         const auto smr = to_ref(style_mean, "style", bf16), ssr = to_ref(style_std, "style", bf16);
         const auto lay = to_layout(layout);
         KernelGilRelease release(xr.numel());
         naming_out([&] {
-          if (sr.given) normkit::adaptive_instance_norm(xr, yr, sr, eps, lay);
-          else normkit::adaptive_instance_norm(xr, yr, smr, ssr, eps, lay);
+          if (sr.given) normkit::adaptive_instance_norm(xr, yr, sr, eps, lay, e);
+          else normkit::adaptive_instance_norm(xr, yr, smr, ssr, eps, lay, e);
         });
       },
       "x"_a, "y"_a, "style"_a.none(), "style_mean"_a.none(), "style_std"_a.none(), "eps"_a, "layout"_a.none(),
-      "bf16"_a);
+      "bf16"_a, "activation"_a = 0);
 
   // ---- backward: outputs (dx, dweight, dbias, dstyle...) are allocated by the Python layer.
   m.def(

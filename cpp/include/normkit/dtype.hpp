@@ -42,6 +42,14 @@ static_assert(sizeof(half) == 2 && sizeof(bfloat16) == 2, "16-bit types must be 
 // Only ever an output: the quantized store of a norm (normkit/fused.hpp).
 struct float8_e4m3 {
   std::uint8_t bits = 0;
+  // +0.0.
+  float8_e4m3() = default;
+  // Rounds f to the nearest E4M3 (ties to even), saturating to +-448; NaN stays NaN.
+  explicit float8_e4m3(float f) : bits(detail::nk_float_to_e4m3_bits(f)) {}
+  // The float8_e4m3 with these raw bits.
+  static float8_e4m3 from_bits(std::uint8_t b) { float8_e4m3 h; h.bits = b; return h; }
+  // Widens to float (exact).
+  explicit operator float() const { return detail::nk_e4m3_bits_to_float(bits); }
 };
 
 static_assert(sizeof(float8_e4m3) == 1, "float8_e4m3 must be 1 byte");

@@ -4,6 +4,7 @@
 #include "normkit/cuda.hpp"
 #include "normkit/dtype.hpp"
 #include "normkit/error.hpp"
+#include "normkit/fused.hpp"
 #include "normkit/layers.hpp"
 #include "normkit/layout.hpp"
 #include "normkit/norms.hpp"

@@ -10,10 +10,15 @@
 // statistics and accumulation are float32 for the 16-bit types.
 // Inputs are never modified. No memory is allocated beyond small per-thread
 // scratch. Errors are normkit::Error with the argument named in what().
+// Every forward takes an optional `epilogue` (normkit/fused.hpp): an
+// activation after the affine and, for LayerNorm, RMSNorm, BatchNorm and
+// GroupNorm, a quantized output (y then has dtype int8 / float8_e4m3, and may
+// not overlap x).
 #pragma once
 
 #include <optional>
 
+#include "normkit/fused.hpp"
 #include "normkit/layout.hpp"
 #include "normkit/tensor.hpp"
 
@@ -30,7 +35,7 @@ namespace normkit {
 //   contiguous elements of stats_dtype(x.dtype); rstd = 1 / sqrt(var + eps).
 void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape,
                 const TensorRef& weight = {}, const TensorRef& bias = {}, double eps = 1e-5,
-                const TensorRef& mean = {}, const TensorRef& rstd = {});
+                const TensorRef& mean = {}, const TensorRef& rstd = {}, const Epilogue& epilogue = {});
 
 // RMSNorm, as torch.nn.functional.rms_norm:
 //   y = x / sqrt(mean(x^2) + eps) * weight
@@ -38,7 +43,7 @@ void layer_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_s
 // Arguments as for layer_norm; rstd = 1 / sqrt(mean(x^2) + eps).
 void rms_norm(const TensorRef& x, const TensorRef& y, const Dims& normalized_shape,
               const TensorRef& weight = {}, std::optional<double> eps = std::nullopt,
-              const TensorRef& rstd = {});
+              const TensorRef& rstd = {}, const Epilogue& epilogue = {});
 
 // Machine epsilon of a dtype (what rms_norm uses when eps is not given).
 double machine_epsilon(DType dtype);
@@ -63,7 +68,7 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
                 const TensorRef& running_var, const TensorRef& weight = {}, const TensorRef& bias = {},
                 bool training = false, double momentum = 0.1, double eps = 1e-5,
                 std::optional<Layout> layout = std::nullopt, const TensorRef& mean = {},
-                const TensorRef& rstd = {});
+                const TensorRef& rstd = {}, const Epilogue& epilogue = {});
 
 // InstanceNorm, as torch.nn.functional.instance_norm: statistics per (sample,
 // channel) over the spatial axes when use_input_stats (then running statistics,
@@ -74,23 +79,23 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
                    const TensorRef& running_var = {}, const TensorRef& weight = {}, const TensorRef& bias = {},
                    bool use_input_stats = true, double momentum = 0.1, double eps = 1e-5,
                    std::optional<Layout> layout = std::nullopt, const TensorRef& mean = {},
-                   const TensorRef& rstd = {});
+                   const TensorRef& rstd = {}, const Epilogue& epilogue = {});
 
 // GroupNorm, as torch.nn.functional.group_norm: statistics per (sample, group of
 // C / num_groups channels); num_groups must divide C. mean, rstd: (N, num_groups).
 void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups, const TensorRef& weight = {},
                 const TensorRef& bias = {}, double eps = 1e-5, std::optional<Layout> layout = std::nullopt,
-                const TensorRef& mean = {}, const TensorRef& rstd = {});
+                const TensorRef& mean = {}, const TensorRef& rstd = {}, const Epilogue& epilogue = {});
 
 // Adaptive instance norm: y = (x - mean(x)) / sqrt(var(x) + eps) * style_std + style_mean
 // per (sample, channel), biased variances. From a style feature map (same layout
 // and N, C as x, any spatial size; style_std = sqrt(var(style) + eps)) ...
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps = 1e-5,
-                            std::optional<Layout> layout = std::nullopt);
+                            std::optional<Layout> layout = std::nullopt, const Epilogue& epilogue = {});
 // ... or from given statistics of shape (N, C) (x's dtype or float32).
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
                             const TensorRef& style_std, double eps = 1e-5,
-                            std::optional<Layout> layout = std::nullopt);
+                            std::optional<Layout> layout = std::nullopt, const Epilogue& epilogue = {});
 
 // ---- backward ---------------------------------------------------------------
 // Gradients of the norms above, from the statistics their forward wrote

@@ -14,6 +14,12 @@ void check_eps(double eps, const char* argument) {
   }
 }
 
+void check_float(const TensorRef& t, const char* argument) {
+  if (!is_float(t.dtype))
+    fail_type(std::string(argument) + ": expected a float dtype (float32, float64, float16 or bfloat16), got " +
+              to_string(t.dtype) + " (a quantized type is only ever an output)");
+}
+
 void check_given(const TensorRef& t, const char* argument) {
   if (!t.given) fail_value(std::string(argument) + ": is required");
   for (int i = 0; i < t.shape.size(); ++i)

@@ -22,6 +22,10 @@ void check_eps(double eps, const char* argument = "eps");
 // A required input/output tensor must be given.
 void check_given(const TensorRef& t, const char* argument);
 
+// An array a norm reads (x, dy, style, ...) must be of a float dtype: int8 and
+// float8_e4m3 are output types only.
+void check_float(const TensorRef& t, const char* argument);
+
 // `t` must have exactly `shape` and dtype `dtype`, and be contiguous.
 void check_param(const TensorRef& t, const char* argument, const Dims& shape, DType dtype);
 

@@ -9,8 +9,43 @@
 #include <cstdint>
 
 #include "normkit/dtype.hpp"
+#include "normkit/fused.hpp"
 
 namespace normkit::kernels {
+
+// ---- the stages every forward problem shares ---------------------------------
+// A forward kernel is a load stage (where a row's values come from), the
+// statistics, and a store stage (what happens to each normalized, affine value
+// before its single store). Both stages are small policies chosen per problem,
+// outside the inner loops: a new epilogue is a new policy, not a new kernel.
+
+// Store stage: y = convert(activation(v)), v = the affine of the normalized
+// value in the accumulation type. The plain stage (no activation, output in
+// x's dtype) is the kernels' direct path; any other goes through a small tile
+// in L1 (kernels/store_stage.inc).
+struct StoreStage {
+  Activation activation = Activation::none;
+  // Of y: x's dtype, or int8 / float8_e4m3 (quantized: q = rne(v / scale), saturated).
+  DType out_dtype = DType::float32;
+  bool quantized = false;
+  double scale = 1;  // static quantization scale (> 0)
+  // Rows problems only, optional: dynamic quantization, one float32 scale per
+  // row written here (max finite |v| over the row / qmax; 1 for a row of zeros).
+  float* row_scales = nullptr;
+};
+
+// Load stage of a rows problem: x itself, or s = x + residual (+ bias)
+// computed in the accumulation type, stored once in x's dtype into `sum`; the
+// statistics and the output then read s as stored (so the fused call equals
+// the plain norm of the returned s).
+struct RowsResidual {
+  const void* residual = nullptr;  // null: no residual add (the plain load)
+  std::int64_t residual_row_stride = 0;
+  std::int64_t residual_rows = 1;  // row r of x adds residual row r % residual_rows
+  const void* bias = nullptr;      // per column, or null; the dtype weight has
+  void* sum = nullptr;             // required with residual: x's dtype
+  std::int64_t sum_row_stride = 0;
+};
 
 // Which statistic a rows problem normalizes with.
 enum class RowsNorm : std::uint8_t {
@@ -59,7 +94,9 @@ struct RowsForward {
   double* mean_f64 = nullptr;
   double* var_f64 = nullptr;
   double eps = 1e-5;
-  bool streaming_stores = false;  // write y around the caches (large outputs)
+  RowsResidual load;              // plain x, or the residual add
+  StoreStage store;               // plain (out_dtype = dtype), or an epilogue
+  bool streaming_stores = false;  // write y (and s) around the caches (large outputs)
   int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
 };
 
@@ -94,6 +131,7 @@ struct ColumnsApply {
   // Optional gradient term: y += dy * dy_scale (table like scale; dy like x).
   const void* dy = nullptr;
   const void* dy_scale = nullptr;
+  StoreStage store;  // plain, or an epilogue (no dynamic scales)
   bool streaming_stores = false;
   int threads = 1;
 };

@@ -19,15 +19,7 @@ namespace normkit {
 
 namespace {
 
-bool is_known_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::float32:
-    case DType::float64:
-    case DType::float16:
-    case DType::bfloat16: return true;
-  }
-  return false;
-}
+bool is_known_dtype(DType dtype) { return is_float(dtype); }  // a layer's dtype and x's: never a quantized type
 
 bool is_16bit(DType dtype) { return dtype == DType::float16 || dtype == DType::bfloat16; }
 

@@ -14,6 +14,7 @@
 #include "norms/checks.hpp"
 #include "normkit/norms.hpp"
 #include "plan/channel_plan.hpp"
+#include "plan/store_plan.hpp"
 
 namespace normkit {
 
@@ -46,9 +47,10 @@ void require_running(const TensorRef& t, const char* name, const char* when) {
 ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
                                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
                                    double momentum, double eps, std::optional<Layout> layout,
-                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample) {
+                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample,
+                                   std::optional<DType> y_dtype) {
   const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
+  plan::check_output_like(x, y, "y", y_dtype);
   core::check_eps(eps);
   check_momentum(momentum);
   check_affine(weight, bias, g.c, x.dtype);
@@ -84,9 +86,10 @@ void check_instance_statistics(const TensorRef& x, const ChannelGeometry& g) {
 
 ChannelGeometry check_group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
                                  const TensorRef& weight, const TensorRef& bias, double eps,
-                                 std::optional<Layout> layout, const TensorRef& mean, const TensorRef& rstd) {
+                                 std::optional<Layout> layout, const TensorRef& mean, const TensorRef& rstd,
+                                 std::optional<DType> y_dtype) {
   const ChannelGeometry g = plan::channel_geometry(x, layout);
-  plan::check_output_like(x, y);
+  plan::check_output_like(x, y, "y", y_dtype);
   core::check_eps(eps);
   plan::check_num_groups(num_groups, g.c);
   check_affine(weight, bias, g.c, x.dtype);
@@ -154,7 +157,7 @@ void update_running(const TensorRef& running, const std::vector<double>& values,
 // Folded normalization with known per-channel statistics (inference).
 void apply_running(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, const TensorRef& running_mean,
                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, double eps,
-                   std::vector<double>& mean_out, std::vector<double>& rstd_out) {
+                   std::vector<double>& mean_out, std::vector<double>& rstd_out, const kernels::StoreStage& store) {
   std::vector<double> scale(g.c), shift(g.c);
   mean_out.resize(g.c);
   rstd_out.resize(g.c);
@@ -164,7 +167,7 @@ void apply_running(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     scale[c] = param_or(weight, c, 1.0) * rstd_out[c];
     shift[c] = param_or(bias, c, 0.0) - mean_out[c] * scale[c];
   }
-  plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, nullptr);
+  plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, nullptr, 0, {}, nullptr, &store);
 }
 
 // An empty x (any of N, C or S is 0) has nothing to normalize: statistics
@@ -185,7 +188,7 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
 // output pass re-reads it from cache instead of from memory.
 template <class Affine>
 Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
-                             double eps, Affine&& affine) {
+                             double eps, const kernels::StoreStage& store, Affine&& affine) {
   Moments all;
   all.mean.resize(g.n * groups);
   all.var.resize(g.n * groups);
@@ -208,7 +211,7 @@ Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const Chann
         center[i * g.c + c] = m.mean[grp];
       }
     plan::channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center,
-                        y.numel() * element_size(y.dtype));
+                        y.numel() * element_size(y.dtype), {}, nullptr, &store);
     std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);
     std::copy(m.var.begin(), m.var.end(), all.var.begin() + n0 * groups);
   }
@@ -220,14 +223,16 @@ Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const Chann
 void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
                 const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, bool training,
                 double momentum, double eps, std::optional<Layout> layout, const TensorRef& mean,
-                const TensorRef& rstd) {
+                const TensorRef& rstd, const Epilogue& epilogue) {
   const ChannelGeometry g = check_running_norm(x, y, running_mean, running_var, weight, bias, momentum, eps,
-                                               layout, mean, rstd, /*stats_per_sample=*/false);
+                                               layout, mean, rstd, /*stats_per_sample=*/false,
+                                               plan::output_dtype(epilogue, x.dtype));
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
 
   std::vector<double> mean_c, rstd_c;
   if (!training) {
     require_running(running_mean, "running_mean", "when training is false");
-    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
+    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c, store);
   } else {
     const std::int64_t count = g.n * g.s;
     check_batch_statistics(x, g);
@@ -240,7 +245,7 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
       scale[c] = param_or(weight, c, 1.0) * rstd_c[c];
       shift[c] = param_or(bias, c, 0.0);
     }
-    plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &m.mean);
+    plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &m.mean, 0, {}, nullptr, &store);
     std::vector<double> unbiased(g.c);
     for (std::int64_t c = 0; c < g.c; ++c) unbiased[c] = m.var[c] * double(count) / double(count - 1);
     update_running(running_mean, m.mean, momentum);
@@ -253,15 +258,17 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
 void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
                    bool use_input_stats, double momentum, double eps, std::optional<Layout> layout,
-                   const TensorRef& mean, const TensorRef& rstd) {
+                   const TensorRef& mean, const TensorRef& rstd, const Epilogue& epilogue) {
+  plan::require_no_quantize(epilogue, "instance_norm");
   const ChannelGeometry g = check_running_norm(x, y, running_mean, running_var, weight, bias, momentum, eps,
                                                layout, mean, rstd, /*stats_per_sample=*/true);
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
 
   std::vector<double> mean_nc, rstd_nc;
   if (!use_input_stats) {
     require_running(running_mean, "running_mean", "when use_input_stats is false");
     std::vector<double> mean_c, rstd_c;
-    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c);
+    apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c, store);
     for (std::int64_t n = 0; n < g.n; ++n) {
       mean_nc.insert(mean_nc.end(), mean_c.begin(), mean_c.end());
       rstd_nc.insert(rstd_nc.end(), rstd_c.begin(), rstd_c.end());
@@ -272,9 +279,9 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
     Moments m;
     if (!g.channels_last) {
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
-                             param_dtype(weight, bias, x.dtype), g.c, eps, m);
+                             param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
     } else {
-      m = channels_last_groups(x, y, g, g.c, eps, [&](std::int64_t, std::int64_t c, double r) {
+      m = channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t, std::int64_t c, double r) {
         return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
       });
     }
@@ -298,16 +305,19 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
 
 void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups, const TensorRef& weight,
                 const TensorRef& bias, double eps, std::optional<Layout> layout, const TensorRef& mean,
-                const TensorRef& rstd) {
-  const ChannelGeometry g = check_group_norm(x, y, num_groups, weight, bias, eps, layout, mean, rstd);
+                const TensorRef& rstd, const Epilogue& epilogue) {
+  const ChannelGeometry g = check_group_norm(x, y, num_groups, weight, bias, eps, layout, mean, rstd,
+                                             plan::output_dtype(epilogue, x.dtype));
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
   if (finish_if_empty(x, mean, rstd)) return;
 
   Moments m;
   if (!g.channels_last) {
     plan::fused_group_rows(x, y, g, num_groups, weight.given ? weight.data : nullptr,
-                           bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m);
+                           bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m,
+                           &store);
   } else {
-    m = channels_last_groups(x, y, g, num_groups, eps, [&](std::int64_t, std::int64_t c, double r) {
+    m = channels_last_groups(x, y, g, num_groups, eps, store, [&](std::int64_t, std::int64_t c, double r) {
       return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
     });
   }
@@ -318,7 +328,8 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
 namespace {
 
 void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g,
-                 const std::vector<double>& style_mean, const std::vector<double>& style_std, double eps) {
+                 const std::vector<double>& style_mean, const std::vector<double>& style_std, double eps,
+                 const kernels::StoreStage& store) {
   if (x.numel() == 0) return;
   check_adain_spatial(x, g);
   if (!g.channels_last) {
@@ -340,10 +351,10 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
       b = bf.data();
     }
     Moments m;
-    plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m);
+    plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m, &store);
     return;
   }
-  channels_last_groups(x, y, g, g.c, eps, [&](std::int64_t n, std::int64_t c, double r) {
+  channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t n, std::int64_t c, double r) {
     return std::pair<double, double>(style_std[n * g.c + c] * r, style_mean[n * g.c + c]);
   });
 }
@@ -351,25 +362,30 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
 }  // namespace
 
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style, double eps,
-                            std::optional<Layout> layout) {
+                            std::optional<Layout> layout, const Epilogue& epilogue) {
+  plan::require_no_quantize(epilogue, "adaptive_instance_norm");
   const auto [g, gs] = check_adain_style_map(x, y, style, eps, layout);
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
   if (x.numel() == 0) return;
   const Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
   std::vector<double> style_std(ms.var.size());
   for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
-  adain_apply(x, y, g, ms.mean, style_std, eps);
+  adain_apply(x, y, g, ms.mean, style_std, eps, store);
 }
 
 void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& style_mean,
-                            const TensorRef& style_std, double eps, std::optional<Layout> layout) {
+                            const TensorRef& style_std, double eps, std::optional<Layout> layout,
+                            const Epilogue& epilogue) {
+  plan::require_no_quantize(epilogue, "adaptive_instance_norm");
   const ChannelGeometry g = check_adain_style_stats(x, y, style_mean, style_std, eps, layout);
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
   if (x.numel() == 0) return;
   std::vector<double> mean(g.n * g.c), std_(g.n * g.c);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) {
     mean[i] = plan::read_element(style_mean, i);
     std_[i] = plan::read_element(style_std, i);
   }
-  adain_apply(x, y, g, mean, std_, eps);
+  adain_apply(x, y, g, mean, std_, eps, store);
 }
 
 }  // namespace normkit

@@ -16,6 +16,7 @@ namespace normkit::norms {
 using plan::ChannelGeometry;
 
 // ---- forward (norms/channel_norms.cpp) ----------------------------------------
+// `y_dtype`: y's dtype when it is not x's (a quantized output, normkit/fused.hpp).
 void check_momentum(double momentum);
 // The dtype weight and bias share: x's, or float32 for 16-bit x.
 DType param_dtype(const TensorRef& weight, const TensorRef& bias, DType x_dtype);
@@ -27,14 +28,16 @@ void require_running(const TensorRef& t, const char* name, const char* when);
 ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
                                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias,
                                    double momentum, double eps, std::optional<Layout> layout,
-                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample);
+                                   const TensorRef& mean, const TensorRef& rstd, bool stats_per_sample,
+                                   std::optional<DType> y_dtype = std::nullopt);
 // BatchNorm training needs more than 1 value per channel.
 void check_batch_statistics(const TensorRef& x, const ChannelGeometry& g);
 // InstanceNorm with input statistics needs more than 1 spatial element.
 void check_instance_statistics(const TensorRef& x, const ChannelGeometry& g);
 ChannelGeometry check_group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
                                  const TensorRef& weight, const TensorRef& bias, double eps,
-                                 std::optional<Layout> layout, const TensorRef& mean, const TensorRef& rstd);
+                                 std::optional<Layout> layout, const TensorRef& mean, const TensorRef& rstd,
+                                 std::optional<DType> y_dtype = std::nullopt);
 // AdaIN normalizes x per (sample, channel): more than 1 spatial element (when x is not empty).
 void check_adain_spatial(const TensorRef& x, const ChannelGeometry& g);
 struct AdainStyleMap {

@@ -7,6 +7,7 @@
 #include "core/check.hpp"
 #include "kernels/kernel_api.hpp"
 #include "plan/rows_plan.hpp"
+#include "plan/store_plan.hpp"
 #include "runtime/dispatch.hpp"
 #include "runtime/threads.hpp"
 
@@ -83,6 +84,7 @@ double read_element(const TensorRef& t, std::int64_t i) {
     case DType::float64: return static_cast<const double*>(t.data)[i];
     case DType::float16: return static_cast<float>(static_cast<const half*>(t.data)[i]);
     case DType::bfloat16: return static_cast<float>(static_cast<const bfloat16*>(t.data)[i]);
+    default: break;  // the quantized output types are never read
   }
   return 0;
 }
@@ -93,11 +95,13 @@ void write_element(const TensorRef& t, std::int64_t i, double v) {
     case DType::float64: static_cast<double*>(t.data)[i] = v; return;
     case DType::float16: static_cast<half*>(t.data)[i] = half(static_cast<float>(v)); return;
     case DType::bfloat16: static_cast<bfloat16*>(t.data)[i] = bfloat16(static_cast<float>(v)); return;
+    default: return;  // statistics are never of a quantized type
   }
 }
 
 ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layout, const char* x_name) {
   core::check_given(x, x_name);
+  core::check_float(x, x_name);
   const int rank = x.shape.size();
   ChannelGeometry g;
   g.layout = layout ? *layout : default_layout(rank);
@@ -137,16 +141,17 @@ ChannelGeometry style_geometry(const TensorRef& x, const ChannelGeometry& g, con
   return gs;
 }
 
-void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name) {
+void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name, std::optional<DType> y_dtype) {
   core::check_given(y, y_name);
   if (y.shape != x.shape)
     core::fail_value(std::string(y_name) + ": expected the shape of x " + x.shape.to_string() + ", got " +
                      y.shape.to_string());
-  if (y.dtype != x.dtype)
-    core::fail_type(std::string(y_name) + ": expected dtype " + to_string(x.dtype) + " like x, got " +
-                    to_string(y.dtype));
+  const DType expected = y_dtype ? *y_dtype : x.dtype;
+  if (y.dtype != expected)
+    core::fail_type(std::string(y_name) + ": expected dtype " + to_string(expected) +
+                    (expected == x.dtype ? " like x" : " for the quantized output") + ", got " + to_string(y.dtype));
   if (!y.is_contiguous()) core::fail_value(std::string(y_name) + ": must be contiguous");
-  core::check_no_partial_overlap(x, y, y_name);
+  if (expected == x.dtype) core::check_no_partial_overlap(x, y, y_name);
 }
 
 void check_channel_param(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype) {
@@ -169,7 +174,7 @@ void write_stats_output(const TensorRef& t, const char* name, const std::vector<
 
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
-                      double eps, Moments& moments) {
+                      double eps, Moments& moments, const kernels::StoreStage* store) {
   const std::int64_t rows = g.n * groups;
   const std::int64_t cols = (g.c / groups) * g.s;
   moments.count = cols;
@@ -193,6 +198,7 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   p.mean_f64 = moments.mean.data();
   p.var_f64 = moments.var.data();
   p.eps = eps;
+  p.store = store ? *store : plain_store(x.dtype);
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(2 * bytes);
@@ -281,7 +287,7 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
                    const std::vector<double>* center, std::int64_t whole_output_bytes, const TensorRef& dy,
-                   const std::vector<double>* dy_scale) {
+                   const std::vector<double>* dy_scale, const kernels::StoreStage* store) {
   if (x.numel() == 0) return;
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
@@ -335,6 +341,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.dy = dy_data;
     p.dy_row_stride = g.s;
     p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
+    p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.rows_forward(p);
@@ -353,6 +360,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.center_lo = center ? lo_t.data() : nullptr;
     p.dy = dy_data;
     p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
+    p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
     p.threads = threads;
     kernels.columns_apply(p);

@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "kernels/kernel_api.hpp"
 #include "normkit/layout.hpp"
 #include "normkit/tensor.hpp"
 
@@ -35,8 +36,11 @@ void check_num_groups(std::int64_t num_groups, std::int64_t channels);
 // any spatial size. Returns its geometry.
 ChannelGeometry style_geometry(const TensorRef& x, const ChannelGeometry& g, const TensorRef& style);
 
-// y must match x: shape, dtype, contiguous, and not overlap it unless it is x.
-void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name = "y");
+// y must match x: shape, dtype (`y_dtype` when given: a quantized output,
+// whose overlap with x plan_store refuses), contiguous, and not overlap it
+// unless it is x.
+void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_name = "y",
+                       std::optional<DType> y_dtype = std::nullopt);
 
 // Per-group moments in double: mean and biased variance.
 struct Moments {
@@ -54,10 +58,12 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
 // `whole_output_bytes`: when x/y are one slice of a larger output, that
 // output's size (the kind of store depends on it).
 // With `dy` (the backward's apply step): y += dy * dy_scale, dy_scale a table like scale.
+// `store`: the forward's store stage (null: plain).
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
                    const std::vector<double>* center, std::int64_t whole_output_bytes = 0,
-                   const TensorRef& dy = {}, const std::vector<double>* dy_scale = nullptr);
+                   const TensorRef& dy = {}, const std::vector<double>* dy_scale = nullptr,
+                   const kernels::StoreStage* store = nullptr);
 
 // Gradient sums per (sample, channel) when per_sample (N*C entries), else per
 // channel over the batch (C entries), relative to `center` (a table of the same
@@ -75,7 +81,7 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
 // mean/var (double) into `moments` (N*groups entries).
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
-                      double eps, Moments& moments);
+                      double eps, Moments& moments, const kernels::StoreStage* store = nullptr);
 
 // Samples [first, first + count) of a tensor contiguous in a channel layout
 // (the batch axis is first in every layout).

@@ -7,6 +7,7 @@
 
 #include "core/check.hpp"
 #include "normkit/norms.hpp"
+#include "plan/store_plan.hpp"
 #include "runtime/dispatch.hpp"
 #include "runtime/threads.hpp"
 
@@ -70,8 +71,10 @@ bool rows_disjoint(const TensorRef& x, const RowsView& xv, const TensorRef& y, c
 kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
                                        const Dims& normalized_shape, const TensorRef& weight,
                                        const TensorRef& bias, std::optional<double> eps_arg,
-                                       const TensorRef& mean, const TensorRef& rstd, const char* y_name) {
+                                       const TensorRef& mean, const TensorRef& rstd, const char* y_name,
+                                       const Epilogue& epilogue) {
   core::check_given(x, "x");
+  core::check_float(x, "x");
   core::check_given(y, y_name);
   const std::string yn = y_name;
   const int k = normalized_shape.size();
@@ -86,8 +89,10 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
                      " does not match the trailing dims of x, whose shape is " + x.shape.to_string());
   if (y.shape != x.shape)
     core::fail_value(yn + ": expected the shape of x " + x.shape.to_string() + ", got " + y.shape.to_string());
-  if (y.dtype != x.dtype)
-    core::fail_type(yn + ": expected dtype " + to_string(x.dtype) + " like x, got " + to_string(y.dtype));
+  const DType y_dtype = output_dtype(epilogue, x.dtype);
+  if (y.dtype != y_dtype)  // (plan_store checks the rest of the epilogue)
+    core::fail_type(yn + ": expected dtype " + to_string(y_dtype) +
+                    (y_dtype == x.dtype ? " like x" : " for the quantized output") + ", got " + to_string(y.dtype));
   const double eps = eps_arg.has_value() ? *eps_arg : machine_epsilon(x.dtype);
   core::check_eps(eps);
   RowsView xv, yv;
@@ -103,7 +108,7 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
     core::fail_value(yn + ": its rows overlap each other (row stride " + std::to_string(yv.row_stride) +
                      " elements, rows of " + std::to_string(yv.cols) +
                      "): an output must not be a broadcast or self-overlapping view");
-  if (!rows_disjoint(x, xv, y, yv)) core::check_no_partial_overlap(x, y, y_name);
+  if (y.dtype == x.dtype && !rows_disjoint(x, xv, y, yv)) core::check_no_partial_overlap(x, y, y_name);
 
   const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
   DType param_dtype = x.dtype;
@@ -125,6 +130,10 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   core::check_disjoint({{y, y_name}, {mean, "mean"}, {rstd, "rstd"}}, {{weight, "weight"}, {bias, "bias"}});
   core::check_disjoint({{mean, "mean"}, {rstd, "rstd"}}, {{x, "x"}});
 
+  const kernels::StoreStage store = plan_store(epilogue, x, y, xv.rows, /*dynamic_allowed=*/true, y_name);
+  core::check_disjoint({{epilogue.scales, "scales"}},
+                       {{y, y_name}, {weight, "weight"}, {bias, "bias"}, {mean, "mean"}, {rstd, "rstd"}});
+
   kernels::RowsForward p;
   p.norm = norm;
   p.dtype = x.dtype;
@@ -140,10 +149,95 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   p.mean = mean.given ? mean.data : nullptr;
   p.rstd = rstd.given ? rstd.data : nullptr;
   p.eps = eps;
+  p.store = store;
   const std::int64_t bytes = xv.rows * xv.cols * element_size(x.dtype);
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(2 * bytes);
   return p;
+}
+
+void plan_residual(kernels::RowsForward& p, const TensorRef& x, const TensorRef& residual,
+                   const TensorRef& residual_bias, const TensorRef& sum, const TensorRef& y,
+                   const TensorRef& weight, const TensorRef& bias, const Dims& normalized_shape,
+                   const char* y_name, const char* sum_name) {
+  const std::string sn = sum_name;
+  const int k = normalized_shape.size();
+  core::check_given(residual, "residual");
+  if (residual.dtype != x.dtype)
+    core::fail_type("residual: expected dtype " + std::string(to_string(x.dtype)) + " like x, got " +
+                    to_string(residual.dtype));
+  // residual: x's shape, or x's trailing dims (leading size-1 dims allowed),
+  // covering at least the normalized dims; broadcast over x's leading dims.
+  Dims trimmed;
+  int first = 0;
+  while (first < residual.shape.size() && residual.shape[first] == 1 &&
+         residual.shape.size() - first > std::min(k, x.shape.size()))
+    ++first;
+  for (int i = first; i < residual.shape.size(); ++i) trimmed.push_back(residual.shape[i]);
+  bool fits = trimmed.size() >= k && trimmed.size() <= x.shape.size() && residual.shape.size() <= x.shape.size();
+  for (int i = 0; fits && i < trimmed.size(); ++i)
+    fits = trimmed[i] == x.shape[x.shape.size() - trimmed.size() + i];
+  if (!fits)
+    core::fail_value("residual: shape " + residual.shape.to_string() + " does not broadcast to x's shape " +
+                     x.shape.to_string() + " (it must be x's shape or x's trailing dims, normalized dims included)");
+  RowsView rv;
+  if (!as_rows(residual, k, rv))
+    core::fail_value("residual: the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride; pass a contiguous copy");
+  const bool full = residual.numel() == x.numel();
+
+  core::check_given(sum, sum_name);
+  if (sum.shape != x.shape)
+    core::fail_value(sn + ": expected the shape of x " + x.shape.to_string() + ", got " + sum.shape.to_string());
+  if (sum.dtype != x.dtype)
+    core::fail_type(sn + ": expected dtype " + to_string(x.dtype) + " like x, got " + to_string(sum.dtype));
+  RowsView sv;
+  if (!as_rows(sum, k, sv))
+    core::fail_value(sn + ": the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride");
+  if (sv.rows > 1 && sv.cols > 0 && (sv.row_stride < 0 ? -sv.row_stride : sv.row_stride) < sv.cols)
+    core::fail_value(sn + ": its rows overlap each other (row stride " + std::to_string(sv.row_stride) +
+                     " elements, rows of " + std::to_string(sv.cols) +
+                     "): an output must not be a broadcast or self-overlapping view");
+
+  // One dtype for weight, bias and residual_bias (x's, or float32 for 16-bit x).
+  if (residual_bias.given) {
+    const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;
+    const bool other_params = weight.given || bias.given;
+    if (!other_params && half_precision && residual_bias.dtype == DType::float32) p.params_float32 = true;
+    const DType pd = p.params_float32 ? DType::float32 : x.dtype;
+    core::check_param(residual_bias, "residual_bias", normalized_shape, pd);
+  }
+
+  // In place: sum may be x or (a full-shape) residual, y may be x or residual;
+  // y and sum are apart, and nothing else overlaps.
+  core::check_no_partial_overlap(x, sum, sum_name);
+  if (full) {
+    core::check_no_partial_overlap(residual, sum, sum_name, "residual");
+    if (y.dtype == x.dtype) core::check_no_partial_overlap(residual, y, y_name, "residual");
+    else core::check_disjoint({{y, y_name}}, {{residual, "residual"}});
+  } else {
+    core::check_disjoint({{sum, sum_name}, {y, y_name}}, {{residual, "residual"}});
+  }
+  core::check_disjoint({{sum, sum_name}, {y, y_name}},
+                       {{weight, "weight"}, {bias, "bias"}, {residual_bias, "residual_bias"}});
+  const TensorRef mean_ref(p.mean, stats_dtype(x.dtype), Dims{p.mean ? p.rows : 0}, Dims{1});
+  const TensorRef rstd_ref(p.rstd, stats_dtype(x.dtype), Dims{p.rstd ? p.rows : 0}, Dims{1});
+  const TensorRef scales_ref(p.store.row_scales, DType::float32, Dims{p.store.row_scales ? p.rows : 0}, Dims{1});
+  core::check_disjoint({{sum, sum_name}, {mean_ref, "mean"}, {rstd_ref, "rstd"}, {scales_ref, "scales"}}, {});
+  core::check_disjoint({{mean_ref, "mean"}, {rstd_ref, "rstd"}, {scales_ref, "scales"}},
+                       {{residual, "residual"}, {residual_bias, "residual_bias"}});
+
+  p.load.residual = residual.data;
+  p.load.residual_row_stride = rv.row_stride;
+  p.load.residual_rows = rv.rows > 0 ? rv.rows : 1;
+  p.load.bias = residual_bias.given ? residual_bias.data : nullptr;
+  p.load.sum = sum.data;
+  p.load.sum_row_stride = sv.row_stride;
+  const std::int64_t bytes = p.rows * p.cols * element_size(x.dtype);
+  p.streaming_stores = !core::same_memory(x, y) && !core::same_memory(residual, y) &&
+                       runtime::use_streaming_stores(2 * bytes);
+  p.threads = runtime::threads_for(4 * bytes);
 }
 
 namespace {
@@ -159,7 +253,7 @@ void fill_nan(const TensorRef& t) {
 
 void dispatch_rows(kernels::RowsForward p, std::int64_t param_count) {
   const bool half_precision = p.dtype == DType::float16 || p.dtype == DType::bfloat16;
-  std::vector<float> weight, bias;
+  std::vector<float> weight, bias, residual_bias;
   if (half_precision && !p.params_float32) {
     auto widen = [&](const void* src, std::vector<float>& dst) -> const void* {
       if (src == nullptr) return nullptr;
@@ -172,6 +266,7 @@ void dispatch_rows(kernels::RowsForward p, std::int64_t param_count) {
     };
     p.weight = widen(p.weight, weight);
     p.bias = widen(p.bias, bias);
+    p.load.bias = widen(p.load.bias, residual_bias);
     p.params_float32 = true;
   }
   runtime::active_kernels().rows_forward(p);
@@ -182,6 +277,7 @@ void run_rows_forward(const kernels::RowsForward& p, const TensorRef& mean, cons
   if (p.cols == 0) {
     fill_nan(mean);
     fill_nan(rstd);
+    for (std::int64_t r = 0; r < p.rows && p.store.row_scales; ++r) p.store.row_scales[r] = 1.0f;  // no values
     return;
   }
   dispatch_rows(p, p.cols);

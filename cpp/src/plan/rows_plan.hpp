@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "kernels/kernel_api.hpp"
+#include "normkit/fused.hpp"
 #include "normkit/tensor.hpp"
 
 namespace normkit::plan {
@@ -27,11 +28,22 @@ bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out);
 // Validates a LayerNorm / RMSNorm call and builds its problem (threads and
 // store kind included). `bias` and `mean` must not be given for rms; an rms
 // call without eps gets machine_epsilon(x.dtype). Errors about y name it
-// `y_name` ("y" in C++, "out" from Python).
+// `y_name` ("y" in C++, "out" from Python). The epilogue is the store stage
+// (plain by default; y has the quantized dtype when it quantizes).
 kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& x, const TensorRef& y,
                                        const Dims& normalized_shape, const TensorRef& weight,
                                        const TensorRef& bias, std::optional<double> eps, const TensorRef& mean,
-                                       const TensorRef& rstd, const char* y_name = "y");
+                                       const TensorRef& rstd, const char* y_name = "y",
+                                       const Epilogue& epilogue = {});
+
+// The residual add of add_layer_norm / add_rms_norm (normkit/fused.hpp): a
+// planned problem for x gets its load stage. Checks residual, residual_bias
+// and sum (named `sum_name`) against x and the problem's parameters, and the
+// in-place rules between x, residual, y and sum.
+void plan_residual(kernels::RowsForward& problem, const TensorRef& x, const TensorRef& residual,
+                   const TensorRef& residual_bias, const TensorRef& sum, const TensorRef& y,
+                   const TensorRef& weight, const TensorRef& bias, const Dims& normalized_shape,
+                   const char* y_name = "y", const char* sum_name = "sum");
 
 // Runs a planned rows problem on the active kernels (empty problems included).
 void run_rows_forward(const kernels::RowsForward& problem, const TensorRef& mean, const TensorRef& rstd);
