@@ -11,6 +11,14 @@
 #include "normkit/dtype.hpp"
 #include "normkit/fused.hpp"
 
+// For the per-vector lambdas of the kernels, called from several loops (and
+// the store stage's tile loop): a call per vector would cost more than its work.
+#if defined(__GNUC__) || defined(__clang__)
+#define NORMKIT_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define NORMKIT_ALWAYS_INLINE
+#endif
+
 namespace normkit::kernels {
 
 // ---- the stages every forward problem shares ---------------------------------
