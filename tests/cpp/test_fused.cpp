@@ -649,6 +649,29 @@ TEST_P(Fused, QuantizationOfInfNanAndZeroRows) {
   }
 }
 
+// A row the activation zeroes (relu of a row of negative values) has a
+// dynamic scale of 1; a problem with no columns gives every row scale 1.
+TEST_P(Fused, DynamicScaleEdgeRows) {
+  const int64_t rows = 2, cols = 19;
+  std::vector<float> x(rows * cols), w(cols, 1.0f), b(cols, -10.0f);
+  for (int64_t i = 0; i < rows * cols; ++i) x[i] = static_cast<float>(i % 5);
+  for (Quant q : {Quant::int8, Quant::float8_e4m3}) {
+    std::vector<std::uint8_t> qy(rows * cols, 0x5a);
+    std::vector<float> scales(rows, -1.0f);
+    nk::layer_norm(in(x, {rows, cols}), qout(qy, q, {rows, cols}), {cols}, in(w, {cols}), in(b, {cols}), 1e-5, {}, {},
+                   epilogue(Act::relu, q, std::nullopt, out(scales, {rows})));
+    for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(scales[r], 1.0f) << quant_name(q);
+    for (std::uint8_t v : qy) EXPECT_EQ(v, 0) << quant_name(q);
+    std::vector<float> x0;
+    std::vector<std::uint8_t> q0(1, 0x5a);
+    std::fill(scales.begin(), scales.end(), -1.0f);
+    nk::rms_norm(nk::TensorView<const float>(x0.data(), {rows, 0}), qout(q0, q, {rows, 0}), {0}, {}, 1e-5, {},
+                 epilogue(Act::none, q, std::nullopt, out(scales, {rows})));
+    for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(scales[r], 1.0f) << quant_name(q) << " no columns";
+    EXPECT_EQ(q0[0], 0x5a);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Quantized outputs of BatchNorm and GroupNorm (static scale)
 // ---------------------------------------------------------------------------
