@@ -64,7 +64,9 @@ const char* to_string(DType dtype);
 // Bytes per element (4, 8, 2, 2, 1, 1).
 int element_size(DType dtype);
 // True for the four float types (the ones a norm reads).
-inline bool is_float(DType dtype) { return dtype != DType::int8 && dtype != DType::float8_e4m3; }
+inline bool is_float(DType dtype) {
+  return dtype == DType::float32 || dtype == DType::float64 || dtype == DType::float16 || dtype == DType::bfloat16;
+}
 
 // The dtype that statistics (mean, rstd) and accumulation use: float for
 // float32 and the 16-bit types, double for float64.
