@@ -8,6 +8,10 @@
 // normkit/layers.hpp), loaded as an engine loads a checkpoint: weights, biases
 // and running statistics copied in from raw arrays with Buffer::assign, the
 // layers switched to eval mode, run on float32 and float16 buffers.
+// Last, two fused steps (normkit/fused.hpp) as engines run them: a
+// transformer block's residual add + RMSNorm into int8 with per-token scales,
+// the sum written back into the residual buffer (vLLM's convention), and a
+// U-Net block's GroupNorm + SiLU over an NHWC feature map.
 // Exit status 0 means every check passed.
 #include <normkit/normkit.hpp>
 
@@ -213,6 +217,128 @@ bool run_layers(std::mt19937& gen) {
   return ok;
 }
 
+// --- Fused steps (normkit/fused.hpp) ------------------------------------------
+
+// A transformer block's "add & norm" before a quantized GEMM:
+//   residual += hidden                       (float16, in place)
+//   q, scales = int8(rms_norm(residual))     one scale per token
+// in one normkit call. Checked against a double loop over the same data.
+bool run_transformer_block_step(std::mt19937& gen) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t tokens = 64, hidden = 1024;
+  const double eps = 1e-6;
+
+  // The engine's buffers: the attention output and the residual stream
+  // (float16), the RMSNorm weight (float32), and the quantized activations.
+  std::vector<normkit::half> hidden_states(tokens * hidden), residual(tokens * hidden);
+  for (auto& v : hidden_states) v = normkit::half(normal(gen));
+  for (auto& v : residual) v = normkit::half(3.0f * normal(gen));
+  std::vector<float> weight(hidden);
+  for (auto& v : weight) v = 1.0f + 0.1f * normal(gen);
+  std::vector<std::int8_t> q(tokens * hidden);
+  std::vector<float> scales(tokens);
+  const std::vector<normkit::half> residual_before = residual;
+
+  normkit::Epilogue e;
+  e.quantize = normkit::Quantize::int8;  // no e.scale: dynamic, one scale per token
+  e.scales = normkit::TensorView<float>(scales.data(), {tokens});
+  const normkit::TensorView<normkit::half> res(residual.data(), {tokens, hidden});
+  try {
+    normkit::add_rms_norm(normkit::TensorView<const normkit::half>(hidden_states.data(), {tokens, hidden}),
+                          res,                                                      // residual
+                          normkit::TensorView<std::int8_t>(q.data(), {tokens, hidden}),  // y: int8
+                          res,                                                      // sum: back into residual
+                          {hidden}, normkit::TensorView<const float>(weight.data(), {hidden}), eps, {}, e);
+  } catch (const normkit::Error& err) {
+    std::printf("unexpected normkit::Error in add_rms_norm: %s\n", err.what());
+    return false;
+  }
+
+  // Reference: the sum rounded to float16, RMSNorm of it, scale = max|y| / 127,
+  // q = y / scale rounded to nearest: |q - y / scale| <= 0.5 (give or take
+  // float rounding, which may tip a value at a .5 either way).
+  double sum_err = 0, scale_err = 0, q_err = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::vector<double> s(hidden);
+    double mean_square = 0;
+    for (int64_t i = 0; i < hidden; ++i) {
+      const int64_t k = t * hidden + i;
+      const double exact = double(static_cast<float>(hidden_states[k])) + double(static_cast<float>(residual_before[k]));
+      s[i] = static_cast<float>(residual[k]);  // the sum as stored: what the norm reads
+      sum_err = std::max(sum_err, std::abs(s[i] - exact) / (1 + std::abs(exact)));
+      mean_square += s[i] * s[i];
+    }
+    const double rstd = 1 / std::sqrt(mean_square / double(hidden) + eps);
+    double amax = 0;
+    std::vector<double> y(hidden);
+    for (int64_t i = 0; i < hidden; ++i) {
+      y[i] = s[i] * rstd * weight[i];
+      amax = std::max(amax, std::abs(y[i]));
+    }
+    const double scale = amax / 127;
+    scale_err = std::max(scale_err, std::abs(scales[t] - scale) / scale);
+    for (int64_t i = 0; i < hidden; ++i)
+      q_err = std::max(q_err, std::abs(double(q[t * hidden + i]) - y[i] / scales[t]));
+  }
+  std::printf("add_rms_norm float16 [%lld, %lld] -> int8, per-token scales: sum error %.2e, scale error %.2e, "
+              "max |q - y/scale| %.3f\n",
+              static_cast<long long>(tokens), static_cast<long long>(hidden), sum_err, scale_err, q_err);
+  return sum_err < 5e-4 && scale_err < 1e-5 && q_err <= 0.5 + 1e-3;
+}
+
+// A U-Net block: GroupNorm(32 groups) then SiLU, over a float32 NHWC feature
+// map, in one pass: y = silu(group_norm(x)).
+bool run_unet_block_step(std::mt19937& gen) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n = 2, h = 16, w = 16, c = 128, groups = 32;
+  const double eps = 1e-5;
+  std::vector<float> x(n * h * w * c), y(x.size()), gamma(c), beta(c);
+  for (auto& v : x) v = 2.0f * normal(gen) + 0.5f;
+  for (int64_t i = 0; i < c; ++i) {
+    gamma[i] = 1.0f + 0.1f * normal(gen);
+    beta[i] = 0.1f * normal(gen);
+  }
+
+  normkit::Epilogue e;
+  e.activation = normkit::Activation::silu;
+  try {
+    normkit::group_norm(normkit::TensorView<const float>(x.data(), {n, h, w, c}),
+                        normkit::TensorView<float>(y.data(), {n, h, w, c}), groups,
+                        normkit::TensorView<const float>(gamma.data(), {c}),
+                        normkit::TensorView<const float>(beta.data(), {c}), eps, normkit::Layout::NHWC, {}, {}, e);
+  } catch (const normkit::Error& err) {
+    std::printf("unexpected normkit::Error in group_norm: %s\n", err.what());
+    return false;
+  }
+
+  // Reference: statistics per (sample, group) over h, w and the group's
+  // channels (NHWC: channel = innermost index), then the affine and SiLU.
+  const int64_t per_group = c / groups, pixels = h * w;
+  double err = 0;
+  for (int64_t ni = 0; ni < n; ++ni)
+    for (int64_t g = 0; g < groups; ++g) {
+      auto at = [&](int64_t p, int64_t j) { return (ni * pixels + p) * c + g * per_group + j; };
+      double mean = 0, var = 0;
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t j = 0; j < per_group; ++j) mean += x[at(p, j)];
+      mean /= double(pixels * per_group);
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t j = 0; j < per_group; ++j) var += (x[at(p, j)] - mean) * (x[at(p, j)] - mean);
+      var /= double(pixels * per_group);
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t j = 0; j < per_group; ++j) {
+          const int64_t ch = g * per_group + j;
+          const double v = (x[at(p, j)] - mean) / std::sqrt(var + eps) * gamma[ch] + beta[ch];
+          const double want = v / (1 + std::exp(-v));  // silu
+          err = std::max(err, std::abs(y[at(p, j)] - want) / (1 + std::abs(want)));
+        }
+    }
+  std::printf("group_norm + silu float32 NHWC [%lld, %lld, %lld, %lld], %lld groups: max relative error %.2e\n",
+              static_cast<long long>(n), static_cast<long long>(h), static_cast<long long>(w),
+              static_cast<long long>(c), static_cast<long long>(groups), err);
+  return err < 1e-5;
+}
+
 }  // namespace
 
 int main() {
@@ -290,6 +416,10 @@ int main() {
 
   // --- The same through layer objects loaded from a checkpoint ------------------
   ok = run_layers(gen) && ok;
+
+  // --- Fused steps: add + RMSNorm into int8; GroupNorm + SiLU -------------------
+  ok = run_transformer_block_step(gen) && ok;
+  ok = run_unet_block_step(gen) && ok;
 
   std::printf("%s\n", ok ? "engine_demo: all checks passed" : "engine_demo: FAILED");
   return ok ? 0 : 1;

@@ -65,6 +65,7 @@ for file in "${files[@]}"; do
       s = name
       gsub(/\(anonymous namespace\)/, "{anon}", s)
       gsub(/ \[clone [^]]*\]/, "", s)
+      gsub(/ const::/, "::", s)   # a lambda inside a const lambda: "...::operator()(long) const::{lambda...}"
       gsub(/::operator [^(]*/, "::operator_conversion", s)   # operator float(), operator new
       gsub(/operator(<<=|>>=|<<|>>|<=>|<=|>=|->\*|->|<|>|\(\)|\[\])/, "operator_symbol", s)
       out = ""; depth = 0

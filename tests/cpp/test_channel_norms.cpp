@@ -15,86 +15,23 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "test_support.hpp"
 
 namespace nk = normkit;
 using std::int64_t;
 
 namespace {
 
-// float64 reference of one channel norm on channels-first data x[n][c][s]:
-// statistics per (n, group) (per_sample) or per channel; y = (x - mean) * rstd * w + b.
-struct Ref {
-  std::vector<double> y, mean, var;
-};
-Ref reference(const std::vector<double>& x, int64_t n, int64_t c, int64_t s, int64_t groups, bool per_sample,
-              const std::vector<double>& w, const std::vector<double>& b, double eps) {
-  Ref r;
-  r.y.resize(x.size());
-  const int64_t per = per_sample ? c / groups : 1;
-  const int64_t stats = per_sample ? n * groups : c;
-  r.mean.assign(stats, 0);
-  r.var.assign(stats, 0);
-  std::vector<double> count(stats, 0);
-  auto group_of = [&](int64_t ni, int64_t ci) { return per_sample ? ni * groups + ci / per : ci; };
-  for (int64_t ni = 0; ni < n; ++ni)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t si = 0; si < s; ++si) {
-        r.mean[group_of(ni, ci)] += x[(ni * c + ci) * s + si];
-        count[group_of(ni, ci)] += 1;
-      }
-  for (int64_t g = 0; g < stats; ++g) r.mean[g] /= count[g];
-  for (int64_t ni = 0; ni < n; ++ni)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t si = 0; si < s; ++si) {
-        const double d = x[(ni * c + ci) * s + si] - r.mean[group_of(ni, ci)];
-        r.var[group_of(ni, ci)] += d * d;
-      }
-  for (int64_t g = 0; g < stats; ++g) r.var[g] /= count[g];
-  for (int64_t ni = 0; ni < n; ++ni)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t si = 0; si < s; ++si) {
-        const int64_t i = (ni * c + ci) * s + si, g = group_of(ni, ci);
-        r.y[i] = (x[i] - r.mean[g]) / std::sqrt(r.var[g] + eps) * w[ci] + b[ci];
-      }
-  return r;
-}
-
-// (N, C, S) channels-first <-> (N, S, C) channels-last.
-template <class T>
-std::vector<T> to_last(const std::vector<T>& a, int64_t n, int64_t c, int64_t s) {
-  std::vector<T> out(a.size());
-  for (int64_t ni = 0; ni < n; ++ni)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t si = 0; si < s; ++si) out[(ni * s + si) * c + ci] = a[(ni * c + ci) * s + si];
-  return out;
-}
-template <class T>
-std::vector<T> to_first(const std::vector<T>& a, int64_t n, int64_t c, int64_t s) {
-  std::vector<T> out(a.size());
-  for (int64_t ni = 0; ni < n; ++ni)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t si = 0; si < s; ++si) out[(ni * c + ci) * s + si] = a[(ni * s + si) * c + ci];
-  return out;
-}
+using nk_test::Ref;
+using nk_test::reference;
+using nk_test::to_first;
+using nk_test::to_last;
 
 struct Case {
   int64_t n, c, h, w;  // 4-D: NCHW / NHWC
 };
 
-class ChannelNorms : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    const auto supported = nk::runtime_info().kernel_paths_supported;
-    if (std::find(supported.begin(), supported.end(), GetParam()) == supported.end())
-      GTEST_SKIP() << "kernel path " << GetParam() << " not supported here";
-    saved_ = nk::kernel_path();
-    nk::set_kernel_path(GetParam());
-  }
-  void TearDown() override {
-    if (!saved_.empty()) nk::set_kernel_path(saved_);
-  }
-  std::string saved_;
-};
+class ChannelNorms : public nk_test::KernelPathTest {};
 
 // The data, weights and float64 copies for one case.
 struct Data {

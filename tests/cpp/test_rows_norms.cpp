@@ -19,179 +19,15 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "test_support.hpp"
 
 namespace nk = normkit;
 using std::int64_t;
 
 namespace {
 
-// ---------------------------------------------------------------------------
-// Element types
-// ---------------------------------------------------------------------------
-
-template <class T> double to_double(T v) { return static_cast<double>(v); }
-template <> double to_double(nk::half v) { return static_cast<double>(static_cast<float>(v)); }
-template <> double to_double(nk::bfloat16 v) { return static_cast<double>(static_cast<float>(v)); }
-
-template <class T> T from_double(double v) { return static_cast<T>(v); }
-template <> nk::half from_double(double v) { return nk::half(static_cast<float>(v)); }
-template <> nk::bfloat16 from_double(double v) { return nk::bfloat16(static_cast<float>(v)); }
-
-template <class T> const char* type_name();
-template <> const char* type_name<float>() { return "float32"; }
-template <> const char* type_name<double>() { return "float64"; }
-template <> const char* type_name<nk::half>() { return "float16"; }
-template <> const char* type_name<nk::bfloat16>() { return "bfloat16"; }
-
-// Statistics type: float for float32 and the 16-bit types, double for float64.
-template <class T> using stats_t = nk::acc_t<T>;
-
-// |got - want| <= atol + rtol * |want| (+ half an ulp of `want` in a 16-bit
-// format, when `mantissa_bits` is set) for outputs of type T. 16-bit outputs
-// are computed in float and rounded once, to nearest: they must be within half
-// an ulp of the exact result, give or take the float32 tolerance (atol/rtol).
-// A kernel that truncates, or rounds twice, fails this.
-struct Tol {
-  double atol, rtol;
-  int mantissa_bits = 0;  // 10 (float16) or 7 (bfloat16): stored fraction bits
-  int min_exponent = 0;   // of the smallest normal number: -14 or -126
-};
-template <class T> Tol output_tol();
-template <> Tol output_tol<float>() { return {3e-5, 3e-5}; }
-template <> Tol output_tol<double>() { return {1e-12, 1e-12}; }
-template <> Tol output_tol<nk::half>() { return {3e-5, 3e-5, 10, -14}; }
-template <> Tol output_tol<nk::bfloat16>() { return {3e-5, 3e-5, 7, -126}; }
-
-// Half an ulp of v in a 16-bit format (subnormals: half the subnormal spacing).
-double half_ulp16(double v, const Tol& tol) {
-  const int e = v == 0 ? tol.min_exponent : std::max(std::ilogb(v), tol.min_exponent);
-  return std::ldexp(0.5, e - tol.mantissa_bits);
-}
-// Statistics are float or double whatever the element type.
-template <class T> Tol stats_tol() { return std::is_same_v<T, double> ? Tol{1e-12, 1e-12} : Tol{3e-5, 3e-5}; }
-
-// PyTorch's torch.finfo(dtype).eps: what rms_norm uses when eps is not given.
-template <class T> double torch_eps();
-template <> double torch_eps<float>() { return 1.1920928955078125e-07; }
-template <> double torch_eps<double>() { return 2.220446049250313e-16; }
-template <> double torch_eps<nk::half>() { return 0.0009765625; }
-template <> double torch_eps<nk::bfloat16>() { return 0.0078125; }
-
-// ---------------------------------------------------------------------------
-// The float64 reference, as plain as it gets: two passes per row.
-// ---------------------------------------------------------------------------
-
-enum class Norm { layer, rms };
-const char* norm_name(Norm n) { return n == Norm::layer ? "layer_norm" : "rms_norm"; }
-
-struct Reference {
-  std::vector<double> y, mean, rstd;
-};
-
-// x: rows x cols, row-major, dense. w, b: cols values or empty.
-Reference reference_norm(Norm norm, const std::vector<double>& x, int64_t rows, int64_t cols,
-                         const std::vector<double>& w, const std::vector<double>& b, double eps) {
-  Reference r;
-  r.y.resize(x.size());
-  r.mean.resize(rows);
-  r.rstd.resize(rows);
-  for (int64_t i = 0; i < rows; ++i) {
-    const double* xr = x.data() + i * cols;
-    double mean = 0, var = 0;
-    if (norm == Norm::layer) {
-      for (int64_t j = 0; j < cols; ++j) mean += xr[j];
-      mean /= static_cast<double>(cols);
-      for (int64_t j = 0; j < cols; ++j) var += (xr[j] - mean) * (xr[j] - mean);
-      var /= static_cast<double>(cols);
-    } else {
-      for (int64_t j = 0; j < cols; ++j) var += xr[j] * xr[j];  // mean square
-      var /= static_cast<double>(cols);
-    }
-    const double rstd = 1.0 / std::sqrt(var + eps);
-    r.mean[i] = mean;
-    r.rstd[i] = rstd;
-    for (int64_t j = 0; j < cols; ++j) {
-      double v = (xr[j] - mean) * rstd;
-      if (!w.empty()) v *= w[j];
-      if (!b.empty()) v += b[j];
-      r.y[i * cols + j] = v;
-    }
-  }
-  return r;
-}
-
-// ---------------------------------------------------------------------------
-// Comparison
-// ---------------------------------------------------------------------------
-
-bool close(double got, double want, Tol tol) {
-  if (std::isnan(want)) return std::isnan(got);
-  if (std::isinf(want)) return got == want;
-  double bound = tol.atol + tol.rtol * std::fabs(want);
-  if (tol.mantissa_bits) bound += half_ulp16(want, tol);
-  return std::fabs(got - want) <= bound;
-}
-
-// Compares n values; reports the count and the first few mismatches.
-template <class GetGot>
-::testing::AssertionResult all_close(const char* what, int64_t n, GetGot got, const std::vector<double>& want,
-                                     Tol tol) {
-  int64_t bad = 0;
-  std::string report;
-  double worst = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double g = got(i), w = want[static_cast<size_t>(i)];
-    if (!close(g, w, tol)) {
-      if (bad < 5)
-        report += "\n  " + std::string(what) + "[" + std::to_string(i) + "]: got " + std::to_string(g) +
-                  ", want " + std::to_string(w);
-      worst = std::max(worst, std::fabs(g - w));
-      ++bad;
-    }
-  }
-  if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << n << " " << what << " values out of tolerance (atol "
-                                       << tol.atol << ", rtol " << tol.rtol << "; worst |diff| " << worst << ")"
-                                       << report;
-}
-
-// ---------------------------------------------------------------------------
-// Test data
-// ---------------------------------------------------------------------------
-
-// Values of type T (already rounded to T) and the same values as double.
-template <class T>
-struct Data {
-  std::vector<T> t;
-  std::vector<double> d;
-};
-
-// Uniform values in [center - spread, center + spread], rounded to T.
-template <class T>
-Data<T> random_data(int64_t n, std::mt19937& rng, double center, double spread) {
-  std::uniform_real_distribution<double> u(-spread, spread);
-  Data<T> out;
-  out.t.resize(static_cast<size_t>(n));
-  out.d.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    out.t[i] = from_double<T>(center + u(rng));
-    out.d[i] = to_double(out.t[i]);
-  }
-  return out;
-}
-
-// Rows with different means so that a wrong row offset shows: row i has
-// values around (i % 7 - 3) * 0.5 with spread 2.
-template <class T>
-Data<T> random_rows(int64_t rows, int64_t cols, std::mt19937& rng) {
-  Data<T> out;
-  for (int64_t i = 0; i < rows; ++i) {
-    Data<T> row = random_data<T>(cols, rng, (i % 7 - 3) * 0.5, 2.0);
-    out.t.insert(out.t.end(), row.t.begin(), row.t.end());
-    out.d.insert(out.d.end(), row.d.begin(), row.d.end());
-  }
-  return out;
-}
+using namespace nk_test;
+using nk_test::random_data;  // (not glibc's struct random_data)
 
 nk::Dims dims2(int64_t a, int64_t b) { return nk::Dims{a, b}; }
 
@@ -317,31 +153,7 @@ const int64_t kRowLengths[] = {1, 3, 7, 15, 16, 17, 31, 33, 63, 65, 4095, 4097, 
 // Fixture: one instance per kernel path.
 // ---------------------------------------------------------------------------
 
-bool path_supported(const std::string& path) {
-  const auto supported = nk::runtime_info().kernel_paths_supported;
-  return std::find(supported.begin(), supported.end(), path) != supported.end();
-}
-
-class PerPath : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    if (!path_supported(GetParam()))
-      GTEST_SKIP() << "kernel path " << GetParam() << " is not compiled in or not supported by this CPU";
-    saved_path_ = nk::kernel_path();
-    saved_threads_ = nk::get_num_threads();
-    nk::set_kernel_path(GetParam());
-    ASSERT_EQ(nk::kernel_path(), GetParam());
-  }
-  void TearDown() override {
-    if (!saved_path_.empty()) nk::set_kernel_path(saved_path_);
-    if (saved_threads_ > 0) nk::set_num_threads(saved_threads_);
-  }
-  std::mt19937 rng_{12345};
-
- private:
-  std::string saved_path_;
-  int saved_threads_ = 0;
-};
+class PerPath : public KernelPathTest {};
 
 // ---------------------------------------------------------------------------
 // Against the reference: every type pair, every row length, every affine mix.
@@ -750,23 +562,6 @@ INSTANTIATE_TEST_SUITE_P(Kernels, PerPath, ::testing::Values("scalar", "avx2", "
 // starts with the argument's name.
 // ---------------------------------------------------------------------------
 
-template <class F>
-::testing::AssertionResult throws_error(F&& f, nk::ErrorKind kind, const std::string& argument) {
-  try {
-    f();
-  } catch (const nk::Error& e) {
-    const std::string what = e.what();
-    if (e.kind() != kind)
-      return ::testing::AssertionFailure() << "wrong ErrorKind (" << (e.kind() == nk::ErrorKind::value ? "value" : "type")
-                                           << ") for: " << what;
-    if (what.rfind(argument, 0) != 0)
-      return ::testing::AssertionFailure() << "message should start with \"" << argument << "\": " << what;
-    return ::testing::AssertionSuccess() << what;
-  } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "threw something other than normkit::Error: " << e.what();
-  }
-  return ::testing::AssertionFailure() << "did not throw (expected an error about " << argument << ")";
-}
 
 class Errors : public ::testing::Test {
  protected:
