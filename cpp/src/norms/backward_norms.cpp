@@ -22,10 +22,9 @@
 #include "norms/checks.hpp"
 #include "kernels/kernel_api.hpp"
 #include "normkit/norms.hpp"
+#include "plan/backward_plan.hpp"
 #include "plan/channel_plan.hpp"
 #include "plan/rows_plan.hpp"
-#include "runtime/dispatch.hpp"
-#include "runtime/threads.hpp"
 
 namespace normkit {
 
@@ -34,23 +33,6 @@ namespace {
 using plan::ChannelGeometry;
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
-
-// Values of the accumulation type (stats_dtype) the kernels read.
-struct AccValues {
-  std::vector<float> f;
-  std::vector<double> d;
-  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
-};
-
-// A parameter as the kernels take it: `t` itself when it already has the
-// accumulation type, else a converted copy held in `storage`.
-const void* acc_params(const TensorRef& t, DType x_dtype, AccValues& storage) {
-  if (!t.given) return nullptr;
-  if (t.dtype == stats_dtype(x_dtype)) return t.data;
-  const std::int64_t n = t.numel();
-  for (std::int64_t i = 0; i < n; ++i) storage.f.push_back(static_cast<float>(plan::read_element(t, i)));
-  return storage.f.data();
-}
 
 std::vector<double> read_all(const TensorRef& t) {
   std::vector<double> v(t.numel());
@@ -191,58 +173,10 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
     write_zeros(dbias);
     return;
   }
-  AccValues weight_acc;
-  kernels::RowsBackward p;
-  p.norm = norm;
-  p.dtype = x.dtype;
-  p.rows = rows;
-  p.cols = cols;
-  p.x = x.data;
-  p.x_row_stride = f.x_row_stride;
-  p.dy = dy.data;
-  p.dy_row_stride = dyv.row_stride;
-  p.dx = dx.data;
-  p.dx_row_stride = f.y_row_stride;
-  p.weight = acc_params(weight, x.dtype, weight_acc);
-  p.mean = norm == kernels::RowsNorm::layer ? mean.data : nullptr;
-  p.rstd = rstd.data;
-  // Blocks fixed by the shape alone (at most 64): the weight gradients do
-  // not depend on the thread count.
-  p.block_rows = std::max<std::int64_t>(1, (rows + 63) / 64);
-  const std::int64_t blocks = (rows + p.block_rows - 1) / p.block_rows;
-  const bool want_params = dweight.given || dbias.given;
-  std::vector<float> part_f;
-  std::vector<double> part_d;
-  if (want_params) {
-    const std::size_t count = static_cast<std::size_t>(2 * blocks * cols);
-    if (x.dtype == DType::float64) {
-      part_d.resize(count);
-      p.partial_dweight = part_d.data();
-      p.partial_dbias = part_d.data() + blocks * cols;
-    } else {
-      part_f.resize(count);
-      p.partial_dweight = part_f.data();
-      p.partial_dbias = part_f.data() + blocks * cols;
-    }
-  }
-  p.streaming_stores = f.streaming_stores && !core::same_memory(dy, dx);
-  p.threads = runtime::threads_for(3 * rows * cols * element_size(x.dtype));
-  runtime::active_kernels().rows_backward(p);
-  if (!want_params) return;
-
-  // Merge the block partials in block order, in double.
-  auto partial = [&](int which, std::int64_t k, std::int64_t c) -> double {
-    const std::int64_t i = (which * blocks + k) * cols + c;
-    return x.dtype == DType::float64 ? part_d[i] : double(part_f[i]);
-  };
-  std::vector<double> dw(cols, 0.0), db(cols, 0.0);
-  for (std::int64_t k = 0; k < blocks; ++k)
-    for (std::int64_t c = 0; c < cols; ++c) {
-      dw[c] += partial(0, k, c);
-      db[c] += partial(1, k, c);
-    }
-  write_all(dweight, dw);
-  write_all(dbias, db);
+  const plan::RowsParamGrads grads = plan::rows_backward(norm, f, dy, dyv.row_stride, x, mean, rstd, weight, dx,
+                                                         dweight.given || dbias.given);
+  write_all(dweight, grads.dweight);
+  write_all(dbias, grads.dbias);
 }
 
 // ---- channel norms ---------------------------------------------------------------
@@ -268,50 +202,7 @@ AffineGrads per_sample_backward(const TensorRef& dy, const TensorRef& x, const T
   if (x.numel() == 0) return out;
 
   if (!g.channels_last) {
-    // Fused rows: one row per (sample, group), one run per channel.
-    const std::int64_t rows = g.n * groups, cols = per_group * g.s;
-    AccValues mean_t, rstd_t, w_t;
-    auto acc = [&](const std::vector<double>& v, AccValues& t) {
-      if (x.dtype == DType::float64) t.d = v;
-      else t.f.assign(v.begin(), v.end());
-      return t.data();
-    };
-    std::vector<double> seg_dy(rows * per_group), seg_dy_xc(rows * per_group), row_xc(rows);
-    kernels::RowsBackward p;
-    p.norm = kernels::RowsNorm::layer;
-    p.dtype = x.dtype;
-    p.rows = rows;
-    p.cols = cols;
-    p.x = x.data;
-    p.x_row_stride = cols;
-    p.dy = dy.data;
-    p.dy_row_stride = cols;
-    p.dx = dx.data;
-    p.dx_row_stride = cols;
-    p.segments = per_group;
-    p.param_period = rows;  // w_nc holds an entry per (sample, channel)
-    p.weight = acc(w_nc, w_t);
-    p.mean = acc(mean_ng, mean_t);
-    p.rstd = acc(rstd_ng, rstd_t);
-    p.segment_sum_dy = seg_dy.data();
-    p.segment_sum_dy_xc = seg_dy_xc.data();
-    p.row_sum_xc = row_xc.data();
-    const std::int64_t bytes = x.numel() * element_size(x.dtype);
-    p.streaming_stores = !core::same_memory(x, dx) && !core::same_memory(dy, dx) &&
-                         runtime::use_streaming_stores(bytes);
-    p.threads = runtime::threads_for(3 * bytes);
-    runtime::active_kernels().rows_backward(p);
-    // The kernel summed relative to the mean it read (rounded to the stats
-    // dtype); row_xc moves the sums to the row's exact mean.
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const double delta = row_xc[r] / double(cols);
-      const double rs = x.dtype == DType::float64 ? rstd_ng[r] : double(float(rstd_ng[r]));
-      for (std::int64_t j = 0; j < per_group; ++j) {
-        const std::int64_t e = r * per_group + j;  // = n * C + c
-        out.sum_dy[e] = seg_dy[e];
-        out.sum_dy_xhat[e] = rs * (seg_dy_xc[e] - delta * seg_dy[e]);
-      }
-    }
+    plan::grouped_rows_backward(dy, x, dx, g, groups, mean_ng, rstd_ng, w_nc, out.sum_dy, out.sum_dy_xhat);
     return out;
   }
 

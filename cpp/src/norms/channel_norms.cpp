@@ -4,7 +4,6 @@
 // (plan/channel_plan.hpp), turns them and the affine into per-channel (or per
 // (sample, channel)) tables, and applies them. Running statistics are updated
 // here, in double, after y is written (so in-place calls see the original x).
-#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <string>
@@ -181,43 +180,6 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
   return true;
 }
 
-// Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
-// per (sample, group) from the columns kernels, then
-// y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
-// (sample, channel). A large sample is done whole before the next one, so the
-// output pass re-reads it from cache instead of from memory.
-template <class Affine>
-Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
-                             double eps, const kernels::StoreStage& store, Affine&& affine) {
-  Moments all;
-  all.mean.resize(g.n * groups);
-  all.var.resize(g.n * groups);
-  all.count = (g.c / groups) * g.s;
-  const std::int64_t step = plan::samples_per_step(g, x.dtype);
-  const std::int64_t per_group = g.c / groups;
-  for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
-    const std::int64_t count = std::min(step, g.n - n0);
-    const TensorRef xs = plan::sample_slice(x, n0, count), ys = plan::sample_slice(y, n0, count);
-    ChannelGeometry gs = g;
-    gs.n = count;
-    const Moments m = plan::channel_moments(xs, gs, groups, /*per_sample=*/true);
-    std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
-    for (std::int64_t i = 0; i < count; ++i)
-      for (std::int64_t c = 0; c < g.c; ++c) {
-        const std::int64_t grp = i * groups + c / per_group;
-        const auto [a, b] = affine(n0 + i, c, 1.0 / std::sqrt(m.var[grp] + eps));
-        scale[i * g.c + c] = a;
-        shift[i * g.c + c] = b;
-        center[i * g.c + c] = m.mean[grp];
-      }
-    plan::channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center,
-                        y.numel() * element_size(y.dtype), {}, nullptr, &store);
-    std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);
-    std::copy(m.var.begin(), m.var.end(), all.var.begin() + n0 * groups);
-  }
-  return all;
-}
-
 }  // namespace
 
 void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
@@ -281,7 +243,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
                              param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
     } else {
-      m = channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t, std::int64_t c, double r) {
+      m = plan::channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t, std::int64_t c, double r) {
         return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
       });
     }
@@ -317,7 +279,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
                            bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m,
                            &store);
   } else {
-    m = channels_last_groups(x, y, g, num_groups, eps, store, [&](std::int64_t, std::int64_t c, double r) {
+    m = plan::channels_last_groups(x, y, g, num_groups, eps, store, [&](std::int64_t, std::int64_t c, double r) {
       return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
     });
   }
@@ -354,7 +316,7 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
     plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m, &store);
     return;
   }
-  channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t n, std::int64_t c, double r) {
+  plan::channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t n, std::int64_t c, double r) {
     return std::pair<double, double>(style_std[n * g.c + c] * r, style_mean[n * g.c + c]);
   });
 }

@@ -367,6 +367,37 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   }
 }
 
+Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                             double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
+  Moments all;
+  all.mean.resize(g.n * groups);
+  all.var.resize(g.n * groups);
+  all.count = (g.c / groups) * g.s;
+  const std::int64_t step = samples_per_step(g, x.dtype);
+  const std::int64_t per_group = g.c / groups;
+  for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
+    const std::int64_t count = std::min(step, g.n - n0);
+    const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
+    ChannelGeometry gs = g;
+    gs.n = count;
+    const Moments m = channel_moments(xs, gs, groups, /*per_sample=*/true);
+    std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
+    for (std::int64_t i = 0; i < count; ++i)
+      for (std::int64_t c = 0; c < g.c; ++c) {
+        const std::int64_t grp = i * groups + c / per_group;
+        const auto [a, b] = affine(n0 + i, c, 1.0 / std::sqrt(m.var[grp] + eps));
+        scale[i * g.c + c] = a;
+        shift[i * g.c + c] = b;
+        center[i * g.c + c] = m.mean[grp];
+      }
+    channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center, y.numel() * element_size(y.dtype), {},
+                  nullptr, &store);
+    std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);
+    std::copy(m.var.begin(), m.var.end(), all.var.begin() + n0 * groups);
+  }
+  return all;
+}
+
 GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const ChannelGeometry& g, bool per_sample,
                            const std::vector<double>& center) {
   GradSums out;

@@ -8,7 +8,9 @@
 //                   over the group's columns, then apply     columns apply
 #pragma once
 
+#include <functional>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernel_api.hpp"
@@ -82,6 +84,16 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
                       double eps, Moments& moments, const kernels::StoreStage* store = nullptr);
+
+// Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
+// per (sample, group) (N*groups) from the columns kernels, then
+// y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
+// (sample, channel). A large sample is done whole before the next one
+// (samples_per_step), so the output pass re-reads it from cache instead of
+// from memory. Returns the moments of all N*groups groups.
+using ChannelAffine = std::function<std::pair<double, double>(std::int64_t n, std::int64_t c, double rstd)>;
+Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                             double eps, const kernels::StoreStage& store, const ChannelAffine& affine);
 
 // Samples [first, first + count) of a tensor contiguous in a channel layout
 // (the batch axis is first in every layout).
