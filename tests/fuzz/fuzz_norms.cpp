@@ -1614,6 +1614,8 @@ int run_one(const std::uint8_t* data, std::size_t size) {
         bounds.out(4 * Xm * Xm * double(M), xd == nk::DType::float64 ? xd : nk::DType::float32);  // sums of squares
         bounds.out(r.xh * W + B, xd);
         bounds.out(r.r * W, acc_dt);  // kernels fold weight * rstd
+        // Dynamic scales (float32, also for float64 x): max |y| / qmax.
+        need_out("scales", r.xh * W + B);
         need_out("mean", Xm);
         need_out("rstd", r.r);
         if (kind == k_bn_train || kind == k_in_input) {
