@@ -76,6 +76,18 @@
 //     element for element (NaN where NaN). So no kernel reads an element of x
 //     or dy after writing the output over it - a wrong result that oracle 4
 //     cannot see unless it happens to overflow.
+//  6. Error messages start with the name of one of the call's arguments and ":".
+//  The fused forms (normkit/fused.hpp):
+//  7. Every forward gets a drawn epilogue (activation, quantize, scale, scales).
+//     A quantized output that returned is in range: int8 in [-127, 127] (the
+//     poison -128 marks an unwritten element), float8_e4m3 |v| <= 448 or NaN.
+//  8. add_layer_norm / add_rms_norm: sum is x + residual (+ residual_bias) as
+//     computed here before the call (expected_sum(): the accumulation type,
+//     then one rounding to x's dtype), bit for bit; y, mean, rstd and scales
+//     equal layer_norm / rms_norm called on the returned sum (same epilogue,
+//     fresh outputs), bit for bit. The finite rule uses the statistics of s.
+//  9. fold_batch_norm: the outputs equal fused.hpp's formula in double,
+//     rounded once (float32 / float64 exactly; 16-bit within one unit).
 //  Known normkit limits (known_issue()) are skipped so that a run stays useful;
 //  set NORMKIT_FUZZ_STRICT=1 to check them too. Remove an entry once it is fixed.
 //
