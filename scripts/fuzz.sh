@@ -90,11 +90,11 @@ ARTIFACTS="$FUZZ_BUILD/artifacts"   # this run's reproducers (cleared at each ru
 rm -rf "$ARTIFACTS"
 mkdir -p "$CORPUS" "$ARTIFACTS"
 if [ -z "$(ls -A "$CORPUS")" ]; then
-  # Seeds: for each norm kind (byte 0, 18 kinds) and dtype (byte 1), a few
+  # Seeds: for each norm kind (byte 0, 21 kinds) and dtype (byte 1), a few
   # inputs whose other bytes are deterministic pseudo-random choices.
   step "seeding $CORPUS"
   lcg=12345
-  for kind in $(seq 0 17); do
+  for kind in $(seq 0 20); do
     for dtype in 0 1 2 3; do
       for s in 0 1; do
         bytes=$(printf '\\%03o\\%03o' "$kind" "$dtype")

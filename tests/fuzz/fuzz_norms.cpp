@@ -76,6 +76,18 @@
 //     element for element (NaN where NaN). So no kernel reads an element of x
 //     or dy after writing the output over it - a wrong result that oracle 4
 //     cannot see unless it happens to overflow.
+//  6. Error messages start with the name of one of the call's arguments and ":".
+//  The fused forms (normkit/fused.hpp):
+//  7. Every forward gets a drawn epilogue (activation, quantize, scale, scales).
+//     A quantized output that returned is in range: int8 in [-127, 127] (the
+//     poison -128 marks an unwritten element), float8_e4m3 |v| <= 448 or NaN.
+//  8. add_layer_norm / add_rms_norm: sum is x + residual (+ residual_bias) as
+//     computed here before the call (expected_sum(): the accumulation type,
+//     then one rounding to x's dtype), bit for bit; y, mean, rstd and scales
+//     equal layer_norm / rms_norm called on the returned sum (same epilogue,
+//     fresh outputs), bit for bit. The finite rule uses the statistics of s.
+//  9. fold_batch_norm: the outputs equal fused.hpp's formula in double,
+//     rounded once (float32 / float64 exactly; 16-bit within one unit).
 //  Known normkit limits (known_issue()) are skipped so that a run stays useful;
 //  set NORMKIT_FUZZ_STRICT=1 to check them too. Remove an entry once it is fixed.
 //
@@ -85,6 +97,7 @@
 #include <normkit/normkit.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cinttypes>
 #include <cstdarg>
 #include <cmath>
@@ -161,13 +174,15 @@ void note(const char* fmt, ...) {
 const nk::DType kDTypes[] = {nk::DType::float32, nk::DType::float64, nk::DType::float16, nk::DType::bfloat16};
 
 bool is16(nk::DType d) { return d == nk::DType::float16 || d == nk::DType::bfloat16; }
-int esize(nk::DType d) { return d == nk::DType::float64 ? 8 : d == nk::DType::float32 ? 4 : 2; }
+int esize(nk::DType d) { return nk::element_size(d); }
 double dtype_max(nk::DType d) {
   switch (d) {
     case nk::DType::float32: return double(std::numeric_limits<float>::max());
     case nk::DType::float64: return std::numeric_limits<double>::max();
     case nk::DType::float16: return 65504.0;
     case nk::DType::bfloat16: return 3.3895313892515355e38;
+    case nk::DType::int8: return 127.0;
+    case nk::DType::float8_e4m3: return 448.0;
   }
   return 0;
 }
@@ -185,6 +200,8 @@ double load(const unsigned char* p, nk::DType d) {
     case nk::DType::float64: { double f; std::memcpy(&f, p, 8); return f; }
     case nk::DType::float16: { std::uint16_t b; std::memcpy(&b, p, 2); return double(float(nk::half::from_bits(b))); }
     case nk::DType::bfloat16: { std::uint16_t b; std::memcpy(&b, p, 2); return double(float(nk::bfloat16::from_bits(b))); }
+    case nk::DType::int8: { std::int8_t b; std::memcpy(&b, p, 1); return double(b); }
+    case nk::DType::float8_e4m3: return double(float(nk::float8_e4m3::from_bits(*p)));
   }
   return 0;
 }
@@ -196,6 +213,15 @@ void store(unsigned char* p, nk::DType d, double v) {
     case nk::DType::float64: std::memcpy(p, &v, 8); return;
     case nk::DType::float16: { std::uint16_t b = nk::half(f).bits; std::memcpy(p, &b, 2); return; }
     case nk::DType::bfloat16: { std::uint16_t b = nk::bfloat16(f).bits; std::memcpy(p, &b, 2); return; }
+    // The quantized dtypes are only ever outputs, poisoned here: NaN gives
+    // -128 (outside int8's quantized range [-127, 127], so the quantize oracle
+    // sees an element the call did not write) and the E4M3 NaN.
+    case nk::DType::int8: {
+      const std::int8_t b = std::isnan(v) ? std::int8_t(-128) : std::int8_t(std::max(-128.0, std::min(127.0, v)));
+      std::memcpy(p, &b, 1);
+      return;
+    }
+    case nk::DType::float8_e4m3: *p = nk::float8_e4m3(f).bits; return;
   }
 }
 void store_bits(unsigned char* p, nk::DType d, std::uint64_t bits) { std::memcpy(p, &bits, esize(d)); }
@@ -451,6 +477,14 @@ bool make_aliased(World& w, Bytes& in, const std::string& name, const Tensor& x_
   std::int64_t xlo, xhi, ylo, yhi;
   span(x.ref.shape, x.ref.strides, xlo, xhi);
   span(x.ref.shape, ys, ylo, yhi);
+  // Only over an allocation that is exactly x's span (not one already shared
+  // with another output's overlap: that memory is not re-homed here).
+  {
+    const Alloc& own = w.allocs[x.alloc];
+    if (own.bytes != std::size_t(xhi - xlo + 1) * es ||
+        static_cast<unsigned char*>(x.ref.data) != own.mem.get() + (-xlo) * es)
+      return false;
+  }
   const std::int64_t lo = std::min(xlo, shift + ylo), hi = std::max(xhi, shift + yhi);
   const int a = add_alloc(w, std::size_t(hi - lo + 1) * es);
   Alloc& na = w.allocs[a];
@@ -716,8 +750,12 @@ struct Bounds {
 enum Kind {
   k_layer, k_rms, k_bn_train, k_bn_eval, k_in_input, k_in_running, k_group, k_adain_map, k_adain_stats,
   k_layer_bw, k_rms_bw, k_bn_train_bw, k_bn_eval_bw, k_in_input_bw, k_in_running_bw, k_group_bw,
-  k_adain_map_bw, k_adain_stats_bw, kKindCount
+  k_adain_map_bw, k_adain_stats_bw,
+  // The fused forms (normkit/fused.hpp), after the others so that existing
+  // corpus inputs keep their kind.
+  k_add_layer, k_add_rms, k_fold, kKindCount
 };
+bool is_backward_kind(int k) { return k >= k_layer_bw && k <= k_adain_stats_bw; }
 const char* kKindNames[] = {"layer_norm", "rms_norm", "batch_norm(training)", "batch_norm(eval)",
                             "instance_norm(use_input_stats)", "instance_norm(running stats)", "group_norm",
                             "adaptive_instance_norm(style map)", "adaptive_instance_norm(style stats)",
@@ -725,7 +763,8 @@ const char* kKindNames[] = {"layer_norm", "rms_norm", "batch_norm(training)", "b
                             "batch_norm_backward(eval)", "instance_norm_backward(use_input_stats)",
                             "instance_norm_backward(running stats)", "group_norm_backward",
                             "adaptive_instance_norm_backward(style map)",
-                            "adaptive_instance_norm_backward(style stats)"};
+                            "adaptive_instance_norm_backward(style stats)", "add_layer_norm", "add_rms_norm",
+                            "fold_batch_norm"};
 
 const std::vector<std::string>& kernel_paths() {
   static const std::vector<std::string> paths = nk::runtime_info().kernel_paths_supported;
@@ -750,7 +789,7 @@ const char* known_issue(int kind, const nk::TensorRef& x, const nk::TensorRef&) 
   // rstd > sqrt(max) (1.8e19 for float: var + eps < 3e-39, only with eps = 0)
   // although dx itself is finite. (The rows kernels form xhat first and are
   // checked: LayerNorm, RMSNorm, channels-first InstanceNorm/GroupNorm/AdaIN.)
-  if (kind >= k_layer_bw && kind != k_layer_bw && kind != k_rms_bw && kind != k_bn_eval_bw &&
+  if (is_backward_kind(kind) && kind != k_layer_bw && kind != k_rms_bw && kind != k_bn_eval_bw &&
       kind != k_in_running_bw && g_rstd_max > std::sqrt(acc_max(x.dtype)) / 4)
     return "channel backward overflows rstd^2 for rstd > sqrt(max of the accumulation type)";
   return nullptr;
@@ -805,6 +844,435 @@ void check_in_place_matches_out_of_place(World& w, const std::function<void()>& 
   }
 }
 
+// "x: ..." - what() starts with the name of an argument of the call: a tensor
+// the call got (given or not) or one of its other parameters.
+bool names_an_argument(const World& w, const char* what) {
+  std::size_t n = 0;
+  while (std::isalnum(static_cast<unsigned char>(what[n])) || what[n] == '_') ++n;
+  if (n == 0 || what[n] != ':') return false;
+  const std::string name(what, n);
+  for (const Tensor& t : w.tensors)
+    if (t.name == name) return true;
+  static const char* scalars[] = {"normalized_shape", "eps", "momentum", "num_groups", "layout", "groups",
+                                  "activation", "quantize", "scale", "epilogue"};
+  for (const char* s : scalars)
+    if (name == s) return true;
+  return false;
+}
+
+// After a call that returned: every element of a quantized output is in the
+// quantized range - int8 in [-127, 127] (the poison -128 marks an element not
+// written), float8_e4m3 |value| <= 448 or NaN (every E4M3fn byte decodes to
+// one of those; 0x7f / 0xff are NaN).
+void check_quantized_range(World& w) {
+  for (const Tensor& t : w.tensors) {
+    if (t.role != Role::output || !t.ref.given || nk::is_float(t.ref.dtype)) continue;
+    std::int64_t k = 0;
+    for_each(t.ref, [&](unsigned char* p) {
+      const double v = load(p, t.ref.dtype);
+      const bool ok = t.ref.dtype == nk::DType::int8 ? (v >= -127 && v <= 127) : (std::isnan(v) || std::fabs(v) <= 448);
+      if (!ok) {
+        char msg[200];
+        std::snprintf(msg, sizeof msg, "quantized output out of range: %s element %" PRId64 " (logical order) is %g (byte 0x%02x)",
+                      t.name.c_str(), k, v, unsigned(*p));
+        fail(msg);
+      }
+      ++k;
+    });
+  }
+}
+
+// ---- the fused forms (normkit/fused.hpp) ------------------------------------------
+// add_layer_norm / add_rms_norm: residual (x's shape; x's trailing dims, or
+// leading extents 1, broadcast; sometimes a wrong shape or dtype), an optional
+// residual_bias (like weight), and sum: separate, or x / residual itself (in
+// place), or overlapping x / residual / y where that is not allowed.
+void make_residual_and_sum(World& w, Bytes& in, const nk::Dims& shape, const nk::Dims& param_shape, nk::DType pd) {
+  const nk::DType xd = find(w, "x")->ref.dtype;
+  const int rank = shape.size();
+  nk::Dims rs = shape;
+  nk::DType rd = xd;
+  const int mode = in.below(16);  // 0-7: x's shape
+  if (mode >= 8 && mode < 12 && rank > 0) {  // x's trailing dims
+    const int drop = 1 + in.below(rank);
+    rs = nk::Dims{};
+    for (int i = drop; i < rank; ++i) rs.push_back(shape[i]);
+  } else if (mode == 12 && rank > 0) {  // leading extents 1: (1, S, H)
+    const int ones = 1 + in.below(rank);
+    for (int i = 0; i < ones; ++i) rs[i] = 1;
+  } else if (mode == 13) {
+    rd = in.pick(kDTypes);
+  } else if (mode == 14 && rank > 0) {
+    rs[in.below(rank)] += 1;
+  } else if (mode == 15 && rank < nk::kMaxRank) {  // one dim more than x
+    rs = nk::Dims{2};
+    for (int i = 0; i < rank; ++i) rs.push_back(shape[i]);
+  }
+  make_tensor(w, in, "residual", rd, rs, in.chance(170) ? st_contiguous : in.below(kStrideCount), Role::input,
+              decode_gen(in));
+  make_param(w, in, "residual_bias", decode_param(in, param_shape, pd, 150), Role::input, decode_gen(in));
+  const int sm = in.below(16);
+  Tensor t;
+  if ((sm < 2 || sm == 4) && make_aliased(w, in, "sum", *find(w, "x"), sm < 2 ? 0 : 1 + in.below(2), t)) return;
+  if ((sm == 2 || sm == 3 || sm == 5) &&
+      make_aliased(w, in, "sum", *find(w, "residual"), sm != 5 ? 0 : 1 + in.below(2), t))
+    return;
+  if (sm == 6) {  // y's memory (never allowed)
+    Tensor s = *find(w, "y");
+    s.name = "sum";
+    s.in_place_of.clear();
+    note("  %-12s = y (same view)\n", "sum");
+    w.tensors.push_back(s);
+    return;
+  }
+  nk::Dims ss = shape;
+  if (sm == 8 && rank > 0) ss[in.below(rank)] += 1;
+  make_tensor(w, in, "sum", sm == 7 ? in.pick(kDTypes) : xd, ss,
+              in.chance(170) ? st_contiguous : in.below(kStrideCount), Role::output, -1);
+}
+
+// v rounded to float, as IEEE addition rounds (ties to even; overflow to inf
+// only from FLT_MAX + half an ulp on), without an out-of-range conversion.
+double round_to_float(double v) {
+  const double fmax = double(std::numeric_limits<float>::max());
+  if (std::fabs(v) >= fmax + 0x1p103) return std::copysign(INFINITY, v);
+  if (std::fabs(v) > fmax) return std::copysign(fmax, v);
+  return double(float(v));
+}
+
+// s = x + residual (+ residual_bias) as add_layer_norm / add_rms_norm store it:
+// (x + residual) + bias in the accumulation type (float, or double for float64
+// x; each add computed exactly in double and rounded once to it, which is
+// IEEE's float add), then rounded once to x's dtype. Without a bias this is
+// x + residual rounded once to x's dtype. Into buf (contiguous, x's shape);
+// false when the call cannot be valid (then it must throw).
+bool expected_sum(World& w, const nk::Dims& normalized, std::vector<unsigned char>& buf, nk::TensorRef& out) {
+  const nk::TensorRef x = find(w, "x")->ref, r = find(w, "residual")->ref, b = find(w, "residual_bias")->ref;
+  const int rank = x.shape.size(), rrank = r.shape.size();
+  if (!r.given || r.dtype != x.dtype || rrank > rank || normalized.size() > rank) return false;
+  for (int i = 0; i < rrank; ++i)
+    if (r.shape[i] != 1 && r.shape[i] != x.shape[rank - rrank + i]) return false;
+  for (int i = 0; i < normalized.size(); ++i)
+    if (normalized[i] != x.shape[rank - normalized.size() + i]) return false;
+  const std::int64_t row = numel(normalized);
+  std::vector<double> bv;
+  for_each(b, [&](unsigned char* p) { bv.push_back(load(p, b.dtype)); });
+  if (b.given && std::int64_t(bv.size()) != row) return false;
+  const nk::DType xd = x.dtype;
+  const int es = esize(xd);
+  const std::int64_t n = x.numel();
+  buf.assign(std::size_t(std::max<std::int64_t>(n, 0)) * es + 1, 0);
+  out = nk::TensorRef(buf.data(), xd, x.shape, nk::contiguous_strides(x.shape));
+  auto acc = [xd](double v) { return xd == nk::DType::float64 ? v : round_to_float(v); };
+  std::int64_t idx[nk::kMaxRank] = {};
+  for (std::int64_t k = 0; k < n; ++k) {
+    std::int64_t xo = 0, ro = 0;
+    for (int i = 0; i < rank; ++i) xo += idx[i] * x.strides[i];
+    for (int i = 0; i < rrank; ++i) ro += (r.shape[i] == 1 ? 0 : idx[rank - rrank + i]) * r.strides[i];
+    double v = acc(load(static_cast<const unsigned char*>(x.data) + xo * es, xd) +
+                   load(static_cast<const unsigned char*>(r.data) + ro * es, xd));
+    if (b.given) v = acc(v + bv[std::size_t(k % row)]);
+    store(buf.data() + k * es, xd, v);
+    for (int i = rank - 1; i >= 0; --i) {
+      if (++idx[i] < x.shape[i]) break;
+      idx[i] = 0;
+    }
+  }
+  return true;
+}
+
+// Memory for a copy of t's view (same shape and strides), poisoned.
+struct Scratch {
+  std::vector<unsigned char> mem;
+  nk::TensorRef ref;
+};
+Scratch scratch_like(const nk::TensorRef& t) {
+  Scratch s;
+  if (!t.given) return s;
+  std::int64_t lo, hi;
+  span(t.shape, t.strides, lo, hi);
+  const int es = esize(t.dtype);
+  s.mem.assign(t.numel() > 0 ? std::size_t(hi - lo + 1) * es : 1, 0);
+  for (std::size_t off = 0; off + es <= s.mem.size(); off += es) store(s.mem.data() + off, t.dtype, NAN);
+  s.ref = nk::TensorRef(s.mem.data() + (t.numel() > 0 ? -lo * es : 0), t.dtype, t.shape, t.strides);
+  return s;
+}
+
+// Element k of a and b (logical order) have the same bytes, or are both NaN.
+void check_same_bits(const nk::TensorRef& got, const nk::TensorRef& want, const std::string& what) {
+  std::vector<unsigned char*> g, wv;
+  for_each(got, [&](unsigned char* p) { g.push_back(p); });
+  for_each(want, [&](unsigned char* p) { wv.push_back(p); });
+  const int es = esize(got.dtype);
+  for (std::size_t k = 0; k < g.size() && k < wv.size(); ++k) {
+    if (std::memcmp(g[k], wv[k], es) == 0) continue;
+    const double a = load(g[k], got.dtype), b = load(wv[k], want.dtype);
+    if (std::isnan(a) && std::isnan(b)) continue;
+    char msg[300];
+    std::snprintf(msg, sizeof msg, "%s: element %zu (logical order) is %.17g, expected %.17g", what.c_str(), k, a, b);
+    fail(msg);
+  }
+}
+
+// The fused-equals-unfused oracle, after an add_ call that returned: sum is the
+// expected s element for element (bits), and layer_norm / rms_norm called on
+// that sum (the same views' strides, the same epilogue, fresh outputs) gives
+// y, mean, rstd and the dynamic scales bit for bit.
+void check_fused_equals_unfused(World& w, int kind, const nk::Dims& normalized, double eps,
+                                std::optional<double> rms_eps, const nk::Epilogue& epi,
+                                const nk::TensorRef& exp_sum, bool exp_ok) {
+  auto ref = [&](const char* name) -> nk::TensorRef {
+    const Tensor* t = find(w, name);
+    return t ? t->ref : nk::TensorRef{};
+  };
+  if (!exp_ok) fail("add_ norm returned for a residual / residual_bias / normalized_shape it cannot take");
+  const nk::TensorRef sum = ref("sum");
+  const nk::TensorRef y = ref("y");
+  check_same_bits(sum, exp_sum, "sum differs from x + residual (+ residual_bias) rounded once");
+  Scratch y2 = scratch_like(y), m2 = scratch_like(ref("mean")), r2 = scratch_like(ref("rstd")),
+          s2 = scratch_like(ref("scales"));
+  nk::Epilogue e = epi;
+  e.scales = s2.ref;
+  try {
+    if (kind == k_add_layer) nk::layer_norm(sum, y2.ref, normalized, ref("weight"), ref("bias"), eps, m2.ref, r2.ref, e);
+    else nk::rms_norm(sum, y2.ref, normalized, ref("weight"), rms_eps, r2.ref, e);
+  } catch (const std::exception& ex) {
+    fail(std::string("fused add returned, but the plain norm on its sum threw: ") + ex.what());
+  }
+  note("  (fused oracle: the plain norm on the returned sum, into fresh outputs)\n");
+  check_same_bits(y, y2.ref, "fused differs from the plain norm on sum: y");
+  check_same_bits(ref("mean"), m2.ref, "fused differs from the plain norm on sum: mean");
+  check_same_bits(ref("rstd"), r2.ref, "fused differs from the plain norm on sum: rstd");
+  check_same_bits(ref("scales"), s2.ref, "fused differs from the plain norm on sum: scales");
+}
+
+// ---- snapshot, call, check (shared by every kind) ------------------------------
+// Snapshots every allocation, makes the call, and applies oracles 1-5 (and the
+// quantized-output range check); `after` runs extra checks when it returned.
+int check_call(World& w, int kind, const std::function<void()>& call, bool want_finite,
+               const std::function<void()>& after) {
+  auto ref = [&](const char* name) -> nk::TensorRef {
+    const Tensor* t = find(w, name);
+    return t ? t->ref : nk::TensorRef{};
+  };
+  for (Alloc& a : w.allocs) {
+    a.before.assign(a.mem.get(), a.mem.get() + a.bytes);
+    a.out_mask.assign(a.bytes, 0);
+  }
+  for (const Tensor& t : w.tensors) {
+    if (t.role != Role::output || !t.ref.given) continue;
+    Alloc& a = w.allocs[t.alloc];
+    const int es = esize(t.ref.dtype);
+    for_each(t.ref, [&](unsigned char* p) {
+      const std::size_t off = std::size_t(p - a.mem.get());
+      for (int b = 0; b < es && off + b < a.bytes; ++b) a.out_mask[off + b] = 1;
+    });
+  }
+
+  const nk::TensorRef x = ref("x");
+  bool threw = false;
+  try {
+    call();
+  } catch (const nk::Error& e) {
+    threw = true;
+    if (g_verbose) std::fprintf(stderr, "  -> normkit::Error: %s\n", e.what());
+    if (std::strlen(e.what()) == 0) fail("normkit::Error with an empty message");
+    if (!names_an_argument(w, e.what())) fail(std::string("normkit::Error that does not start with an argument's name: ") + e.what());
+  } catch (const std::exception& e) {
+    fail(std::string("exception that is not normkit::Error: ") + e.what());
+  } catch (...) {
+    fail("exception of an unknown type");
+  }
+  if (g_verbose && !threw) std::fprintf(stderr, "  -> returned\n");
+
+  // Which tensor owns a changed byte (for the message).
+  auto owner = [&](int alloc, std::size_t off) {
+    std::string names;
+    for (const Tensor& t : w.tensors) {
+      if (t.alloc != alloc || !t.ref.given) continue;
+      bool hit = false;
+      const int es = esize(t.ref.dtype);
+      for_each(t.ref, [&](unsigned char* p) {
+        const std::size_t o = std::size_t(p - w.allocs[alloc].mem.get());
+        hit = hit || (off >= o && off < o + std::size_t(es));
+      });
+      if (hit) names += (names.empty() ? "" : ", ") + t.name;
+    }
+    return names.empty() ? std::string("bytes outside every view (padding)") : names;
+  };
+  for (std::size_t ai = 0; ai < w.allocs.size(); ++ai) {
+    const Alloc& a = w.allocs[ai];
+    for (std::size_t b = 0; b < a.bytes; ++b) {
+      if (a.mem[b] == a.before[b]) continue;
+      if (threw) fail("normkit::Error thrown after writing memory: " + owner(int(ai), b) + " changed");
+      if (!a.out_mask[b]) fail("input modified / write outside the outputs' elements: " + owner(int(ai), b));
+    }
+  }
+  if (!threw) {
+    check_quantized_range(w);
+    after();
+    check_in_place_matches_out_of_place(w, call);
+  }
+  // Known normkit bugs (reported; see the list at known_issue()): skipped
+  // unless NORMKIT_FUZZ_STRICT=1, so a run stays useful until they are fixed.
+  const char* known = threw ? nullptr : known_issue(kind, x, ref("style"));
+  if (known && !g_strict) {
+    if (g_verbose) std::fprintf(stderr, "  (known issue, finiteness not checked: %s)\n", known);
+    return 0;
+  }
+  if (!threw && want_finite) {
+    for (const Tensor& t : w.tensors) {
+      if (t.role != Role::output || !t.ref.given) continue;
+      std::int64_t k = 0, bad = -1;
+      double bad_v = 0;
+      for_each(t.ref, [&](unsigned char* p) {
+        const double v = load(p, t.ref.dtype);
+        if (bad < 0 && !std::isfinite(v)) { bad = k; bad_v = v; }
+        ++k;
+      });
+      if (bad >= 0) {
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "non-finite output for finite input: %s element %" PRId64 " (logical order) is %g",
+                      t.name.c_str(), bad, bad_v);
+        fail(msg);
+      }
+    }
+  }
+  return 0;
+}
+
+// ---- fold_batch_norm ----------------------------------------------------------------
+// weight of rank 1..5 (the decoded shape's leading dims), transpose or not,
+// groups valid or not; bias / BN vectors right or wrong (decode_param);
+// folded_weight / folded_bias separate, in place (weight / bias themselves),
+// or overlapping where that is not allowed. Oracles 1-4, oracle 5 for the in
+// place forms, and the exact values: computed in double as fused.hpp states
+// (a = bn_weight / sqrt(running_var + eps); weight * a; (bias - mean) * a +
+// bn_bias), rounded once to weight's dtype (float32 / float64 bit for bit; a
+// 16-bit result within one unit of the double's nearest float rounding).
+int run_fold(Bytes& in, World& w, nk::DType xd, const nk::Dims& decoded) {
+  nk::Dims shape;
+  const int rank = 1 + in.below(5);
+  for (int i = 0; i < rank; ++i) shape.push_back(i < decoded.size() ? decoded[i] : 1 + in.below(2));
+  const bool transpose = in.chance(64);
+  const std::int64_t d0 = shape[0], d1 = rank > 1 ? shape[1] : 1;
+  const std::int64_t gtable[] = {1, 1, 1, 2, 3, 4, d0, 0, -1, d0 + 1, std::numeric_limits<std::int64_t>::max(),
+                                 std::numeric_limits<std::int64_t>::min()};
+  const std::int64_t groups = in.pick(gtable);
+  const bool groups_ok = groups > 0 && d0 % groups == 0;
+  const std::int64_t C = transpose ? (groups_ok && d1 <= 4096 / std::max<std::int64_t>(groups, 1) ? d1 * groups : d1) : d0;
+  note("  transpose %d, groups %" PRId64 ", C_out %" PRId64 "\n", int(transpose), groups, C);
+  make_tensor(w, in, "weight", xd, shape, in.chance(220) ? st_contiguous : in.below(kStrideCount), Role::input,
+              decode_gen(in));
+  const nk::DType bd = is16(xd) && in.chance(128) ? nk::DType::float32 : xd;  // the BN vectors' dtype
+  make_param(w, in, "bias", decode_param(in, nk::Dims{C}, xd, 64), Role::input, decode_gen(in));
+  make_param(w, in, "running_mean", decode_param(in, nk::Dims{C}, bd, 12), Role::input, decode_gen(in));
+  make_param(w, in, "running_var", decode_param(in, nk::Dims{C}, bd, 12), Role::input,
+             in.chance(200) ? int(gen_positive) : decode_gen(in));
+  make_param(w, in, "bn_weight", decode_param(in, nk::Dims{C}, bd, 64), Role::input, decode_gen(in));
+  make_param(w, in, "bn_bias", decode_param(in, nk::Dims{C}, bd, 64), Role::input, decode_gen(in));
+  const double eps = decode_eps(in);
+  note("  eps %.17g\n", eps);
+  Tensor t;
+  const int fm = in.below(16);
+  if (!(fm < 4 && make_aliased(w, in, "folded_weight", *find(w, "weight"), 0, t)) &&
+      !(fm == 4 && make_aliased(w, in, "folded_weight", *find(w, "weight"), 1 + in.below(2), t))) {
+    nk::Dims fs = shape;
+    if (fm == 6) fs[in.below(rank)] += 1;
+    make_tensor(w, in, "folded_weight", fm == 5 ? in.pick(kDTypes) : xd, fs,
+                in.chance(230) ? st_contiguous : in.below(kStrideCount), Role::output, -1);
+  }
+  const int fb = in.below(16);
+  const Tensor bias = *find(w, "bias");
+  if (!(fb < 3 && bias.ref.given && make_aliased(w, in, "folded_bias", bias, 0, t)) &&
+      !(fb == 3 && make_aliased(w, in, "folded_bias", *find(w, "weight"), 1, t))) {
+    make_param(w, in, "folded_bias", decode_param(in, nk::Dims{C}, xd, fb == 4 ? 255 : 0), Role::output, -1);
+  }
+  auto ref = [&](const char* name) -> nk::TensorRef {
+    const Tensor* p = find(w, name);
+    return p ? p->ref : nk::TensorRef{};
+  };
+
+  // Finite outputs: finite inputs, min(running_var) + eps > 0, and a = |bn_weight| / sqrt of that bounded.
+  bool inputs_finite = std::isfinite(eps);
+  for (const Tensor& x : w.tensors)
+    if (x.role == Role::input && x.ref.given) inputs_finite = inputs_finite && all_finite(x.ref);
+  const nk::TensorRef rv = ref("running_var"), bnw = ref("bn_weight");
+  const double lo = rv.given ? min_val(rv) + eps : -1;
+  Bounds bounds;
+  bounds.acc_x = nk::DType::float64;
+  bounds.total = 1;
+  bounds.need(rv.given && lo > 0);
+  const double A = (bnw.given ? max_abs(bnw) : 1.0) / std::sqrt(std::max(lo, 0.0));
+  bounds.out(max_abs(ref("weight")) * A, xd);
+  bounds.out((max_abs(ref("bias")) + max_abs(ref("running_mean"))) * A + max_abs(ref("bn_bias")), xd);
+  const bool want_finite = inputs_finite && bounds.ok;
+  note("  inputs finite: %s; finite outputs required: %s\n", inputs_finite ? "yes" : "no", want_finite ? "yes" : "no");
+
+  // The expected values, from the inputs before the call (the outputs may be them).
+  std::vector<double> a_c, shift_c, fw;
+  const nk::TensorRef wt = ref("weight");
+  if (rv.given && rv.numel() == C && ref("running_mean").given && ref("running_mean").numel() == C) {
+    std::vector<double> rvv, rmv, bnwv, bnbv, bv;
+    for_each(rv, [&](unsigned char* p) { rvv.push_back(load(p, rv.dtype)); });
+    for_each(ref("running_mean"), [&](unsigned char* p) { rmv.push_back(load(p, ref("running_mean").dtype)); });
+    for_each(bnw, [&](unsigned char* p) { bnwv.push_back(load(p, bnw.dtype)); });
+    for_each(ref("bn_bias"), [&](unsigned char* p) { bnbv.push_back(load(p, ref("bn_bias").dtype)); });
+    for_each(ref("bias"), [&](unsigned char* p) { bv.push_back(load(p, ref("bias").dtype)); });
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double a = (c < std::int64_t(bnwv.size()) ? bnwv[c] : 1.0) / std::sqrt(rvv[c] + eps);
+      a_c.push_back(a);
+      shift_c.push_back(((c < std::int64_t(bv.size()) ? bv[c] : 0.0) - rmv[c]) * a +
+                        (c < std::int64_t(bnbv.size()) ? bnbv[c] : 0.0));
+    }
+    // Per weight element (logical order): its output channel.
+    const std::int64_t n = wt.numel();
+    const std::int64_t inner = rank > 1 ? n / std::max<std::int64_t>(d0 * d1, 1) : 1;
+    for (std::int64_t k = 0; k < n && groups_ok; ++k) {
+      const std::int64_t i0 = k / std::max<std::int64_t>(d1 * inner, 1), i1 = (k / inner) % d1;
+      const std::int64_t c = transpose ? (i0 / (d0 / groups)) * d1 + i1 : i0;
+      fw.push_back(c < C ? c : -1);
+    }
+  }
+  std::vector<double> wv;
+  for_each(wt, [&](unsigned char* p) { wv.push_back(load(p, wt.dtype)); });
+
+  auto call = [&] {
+    nk::fold_batch_norm(ref("weight"), ref("bias"), ref("running_mean"), ref("running_var"), eps, ref("bn_weight"),
+                        ref("bn_bias"), ref("folded_weight"), ref("folded_bias"), transpose, groups);
+  };
+  auto after = [&] {
+    if (a_c.empty() && C > 0) fail("fold_batch_norm returned without running statistics of C_out elements");
+    auto expect = [&](const nk::TensorRef& out, const std::vector<double>& want, const char* name) {
+      std::size_t k = 0;
+      for_each(out, [&](unsigned char* p) {
+        if (k >= want.size()) return;
+        const double v = want[k++];
+        unsigned char e[8];
+        store(e, out.dtype, out.dtype == nk::DType::float32 ? round_to_float(v) : v);
+        if (std::memcmp(e, p, esize(out.dtype)) == 0) return;
+        const double got = load(p, out.dtype);
+        if (std::isnan(got) && std::isnan(v)) return;
+        if (is16(out.dtype)) {  // correct rounding vs this double -> float -> 16-bit: one unit apart at most
+          std::uint16_t g16, e16;
+          std::memcpy(&g16, p, 2);
+          std::memcpy(&e16, e, 2);
+          if ((g16 ^ e16) < 0x8000 && (g16 > e16 ? g16 - e16 : e16 - g16) <= 1) return;
+        }
+        char msg[300];
+        std::snprintf(msg, sizeof msg, "fold_batch_norm: %s element %zu (logical order) is %.17g, expected %.17g",
+                      name, k - 1, got, v);
+        fail(msg);
+      });
+    };
+    std::vector<double> want_w;
+    for (std::size_t k = 0; k < fw.size() && k < wv.size(); ++k) want_w.push_back(fw[k] >= 0 ? wv[k] * a_c[std::size_t(fw[k])] : NAN);
+    expect(ref("folded_weight"), want_w, "folded_weight");
+    expect(ref("folded_bias"), shift_c, "folded_bias");
+  };
+  return check_call(w, k_fold, call, want_finite, after);
+}
+
 int run_one(const std::uint8_t* data, std::size_t size) {
   Bytes in{data, size};
   World w;
@@ -819,8 +1287,11 @@ int run_one(const std::uint8_t* data, std::size_t size) {
   if (!path.empty()) nk::set_kernel_path(path);
   note("call %s, x dtype %s, kernel path %s\n", kKindNames[kind], nk::to_string(xd), path.c_str());
 
-  const bool is_rows = kind == k_layer || kind == k_rms || kind == k_layer_bw || kind == k_rms_bw;
-  const bool backward = kind >= k_layer_bw;
+  if (kind == k_fold) return run_fold(in, w, xd, shape);
+  const bool is_add = kind == k_add_layer || kind == k_add_rms;
+  const bool is_rms = kind == k_rms || kind == k_add_rms;  // a forward RMSNorm
+  const bool is_rows = kind == k_layer || kind == k_rms || kind == k_layer_bw || kind == k_rms_bw || is_add;
+  const bool backward = is_backward_kind(kind);
   const nk::DType sd = nk::stats_dtype(xd);
 
   // x: channel norms need it contiguous, so mostly contiguous there.
@@ -860,8 +1331,8 @@ int run_one(const std::uint8_t* data, std::size_t size) {
   }();
   double eps = decode_eps(in);
   std::optional<double> rms_eps = eps;
-  if (kind == k_rms && in.chance(64)) rms_eps = std::nullopt;
-  note("  eps %.17g%s\n", eps, (kind == k_rms && !rms_eps) ? " (nullopt: machine epsilon)" : "");
+  if (is_rms && in.chance(64)) rms_eps = std::nullopt;
+  note("  eps %.17g%s\n", eps, (is_rms && !rms_eps) ? " (nullopt: machine epsilon)" : "");
   double momentum = 0.1;
   std::int64_t num_groups = 1;
   if (kind == k_group || kind == k_group_bw) {
@@ -876,11 +1347,39 @@ int run_one(const std::uint8_t* data, std::size_t size) {
     note("  momentum %.17g\n", momentum);
   }
 
+  // The epilogue of a forward (normkit/fused.hpp): usually none; an
+  // activation (sometimes not an enumerator); a quantized y (int8 /
+  // float8_e4m3, y then of that dtype, sometimes not) with a static scale
+  // (finite, 0, negative, NaN, inf) or dynamic per-row scales (the "scales"
+  // output, made with the statistics below: given or not, right or wrong).
+  nk::Epilogue epi;
+  nk::DType y_dtype = xd;  // the right dtype of y
+  if (!backward) {
+    const int a = in.below(16);
+    epi.activation = a < 8 ? nk::Activation::none
+                     : a < 15 ? static_cast<nk::Activation>(1 + (a - 8) % 4)
+                              : static_cast<nk::Activation>(5 + in.below(251));  // not an enumerator
+    const int q = in.below(16);
+    epi.quantize = q < 10 ? nk::Quantize::none : q < 13 ? nk::Quantize::int8
+                   : q < 15 ? nk::Quantize::float8_e4m3 : static_cast<nk::Quantize>(3 + in.below(253));
+    const double scales_table[] = {1.0, 0.02, 1.0 / 127, 3.5, 1e-30, 1e30, 0.0, -0.0, -1.0, NAN, INFINITY, -INFINITY};
+    if (in.chance(epi.quantize == nk::Quantize::none ? 8 : 128)) epi.scale = in.pick(scales_table);
+    if (epi.quantize == nk::Quantize::int8) y_dtype = nk::DType::int8;
+    if (epi.quantize == nk::Quantize::float8_e4m3) y_dtype = nk::DType::float8_e4m3;
+    if (in.chance(12)) y_dtype = in.chance(128) ? nk::DType::int8 : nk::DType::float8_e4m3;  // maybe wrong
+    if (in.chance(8)) y_dtype = xd;
+    char scale_str[40] = "not given";
+    if (epi.scale) std::snprintf(scale_str, sizeof scale_str, "%.17g", *epi.scale);
+    note("  epilogue: activation %d, quantize %d, scale %s; y dtype %s\n", int(epi.activation), int(epi.quantize),
+         scale_str, nk::to_string(y_dtype));
+  }
+  const bool quantized = epi.quantize == nk::Quantize::int8 || epi.quantize == nk::Quantize::float8_e4m3;
+
   // The output (y / dx): separate, or aliasing x (or dy).
   const int out_alias = in.below(16);  // 0: exactly, 1: shifted, 2: other strides; else separate
   const int out_kind = in.below(16);   // 0: wrong dtype, 1: wrong shape; else right
   auto make_output = [&](const std::string& name, const Tensor& alias_of) {
-    const nk::DType od = out_kind == 0 ? in.pick(kDTypes) : xd;
+    const nk::DType od = out_kind == 0 ? in.pick(kDTypes) : (name == "y" ? y_dtype : xd);
     nk::Dims os = shape;
     if (out_kind == 1 && os.size() > 0) os[in.below(os.size())] += 1;
     if (out_alias < 3 && od == xd && os == shape) {
@@ -903,7 +1402,8 @@ int run_one(const std::uint8_t* data, std::size_t size) {
     if (kind != k_adain_map && kind != k_adain_stats) {
       const nk::DType pd = param_dtype_choice(in);
       make_param(w, in, "weight", decode_param(in, param_shape, pd, 100), Role::input, decode_gen(in));
-      if (kind != k_rms) make_param(w, in, "bias", decode_param(in, param_shape, pd, 100), Role::input, decode_gen(in));
+      if (!is_rms) make_param(w, in, "bias", decode_param(in, param_shape, pd, 100), Role::input, decode_gen(in));
+      if (is_add) make_residual_and_sum(w, in, shape, param_shape, pd);
     } else if (kind == k_adain_map) {
       nk::Dims ss = shape;
       if (geo.ok) {
@@ -943,13 +1443,18 @@ int run_one(const std::uint8_t* data, std::size_t size) {
         cs = nk::Dims{};
         for (int i = 0; i < shape.size(); ++i) cs.push_back(i < shape.size() - k_norm ? shape[i] : 1);
       }
-      if (kind != k_rms) {
+      if (!is_rms) {
         Tensor& m = make_param(w, in, "mean", decode_param(in, cs, sd, 128), Role::output, -1);
         m.stats_out = true;
       }
       Tensor& r = make_param(w, in, "rstd", decode_param(in, cs, sd, 128), Role::output, -1);
       r.stats_out = true;
     }
+    // Dynamic quantization scales: float32, one per row; needed exactly when
+    // a rows norm quantizes without a static scale.
+    const bool wants_scales = quantized && !epi.scale && is_rows;
+    make_param(w, in, "scales", decode_param(in, nk::Dims{R_rows}, nk::DType::float32, wants_scales ? 12 : 240),
+               Role::output, -1);
   } else {
     // dy: like x, sometimes x itself (an input alias, legitimate).
     const int dy_mode = in.below(16);
@@ -1046,6 +1551,13 @@ int run_one(const std::uint8_t* data, std::size_t size) {
   bool inputs_finite = true;
   for (const Tensor& t : w.tensors)
     if (t.role == Role::input && t.ref.given) inputs_finite = inputs_finite && all_finite(t.ref);
+  // The add kinds normalize s = x + residual (+ residual_bias) as stored in
+  // x's dtype: computed here from the inputs before the call (sum may be x or
+  // residual), for the fused oracle and as the statistics' data below.
+  std::vector<unsigned char> exp_sum;
+  nk::TensorRef exp_sum_ref;
+  const bool exp_ok = is_add && expected_sum(w, normalized, exp_sum, exp_sum_ref);
+  const nk::TensorRef stats_x = is_add ? exp_sum_ref : X.ref;
   // Running statistics are read in training too (the update).
   for (const char* name : {"running_mean", "running_var"})
     if (const Tensor* t = find(w, name); t && t->ref.given) inputs_finite = inputs_finite && all_finite(t->ref);
@@ -1059,7 +1571,8 @@ int run_one(const std::uint8_t* data, std::size_t size) {
   // 16-bit x): normkit accepts any finite double, but eps > FLT_MAX is no float.
   bounds.need(std::isfinite(round_to_acc(eps, xd)));
   if (want_finite) {
-    const double Xm = max_abs(X.ref);
+    bounds.need(!is_add || exp_ok);
+    const double Xm = max_abs(stats_x);
     const double D = backward ? max_abs(ref("dy")) : 0;
     const nk::TensorRef wt = ref("weight"), bs = ref("bias");
     const double W = wt.given ? max_abs(wt) : 1.0, B = bs.given ? max_abs(bs) : 0.0;
@@ -1094,10 +1607,10 @@ int run_one(const std::uint8_t* data, std::size_t size) {
     }
     std::vector<GroupSummary> sums;
     bounds.need(bool(group_of));
-    if (group_of) sums = summarize(X.ref, groups, group_of);
+    if (group_of && (!is_add || exp_ok)) sums = summarize(stats_x, groups, group_of);
     bounds.need(!sums.empty());
     for (const auto& s : sums) M = std::max(M, s.count);
-    const RstdBound rb = data_rstd_bound(sums, eps, xd, kind == k_rms || kind == k_rms_bw);
+    const RstdBound rb = data_rstd_bound(sums, eps, xd, is_rms || kind == k_rms_bw);
     const nk::DType acc_dt = xd == nk::DType::float64 ? xd : nk::DType::float32;
     for (double factor : {Xm, D, W, B}) bounds.out(factor, acc_dt);
     auto need_out = [&](const char* name, double v) {
@@ -1105,13 +1618,16 @@ int run_one(const std::uint8_t* data, std::size_t size) {
       if (t.given) bounds.out(v, t.dtype);
     };
     switch (kind) {
-      case k_layer: case k_rms: case k_bn_train: case k_in_input: case k_group: {
-        const double e = (kind == k_rms && !rms_eps) ? nk::machine_epsilon(xd) : eps;
-        const RstdBound r = data_rstd_bound(sums, e, xd, kind == k_rms);
+      case k_layer: case k_rms: case k_bn_train: case k_in_input: case k_group: case k_add_layer: case k_add_rms: {
+        const double e = (is_rms && !rms_eps) ? nk::machine_epsilon(xd) : eps;
+        const RstdBound r = data_rstd_bound(sums, e, xd, is_rms);
+        if (is_add) bounds.out(Xm, xd);  // sum (Xm: of the expected sum)
         bounds.need(r.ok);
         bounds.out(4 * Xm * Xm * double(M), xd == nk::DType::float64 ? xd : nk::DType::float32);  // sums of squares
         bounds.out(r.xh * W + B, xd);
         bounds.out(r.r * W, acc_dt);  // kernels fold weight * rstd
+        // Dynamic scales (float32, also for float64 x): max |y| / qmax.
+        need_out("scales", r.xh * W + B);
         need_out("mean", Xm);
         need_out("rstd", r.r);
         if (kind == k_bn_train || kind == k_in_input) {
@@ -1229,40 +1745,37 @@ int run_one(const std::uint8_t* data, std::size_t size) {
   want_finite = want_finite && bounds.ok;
   note("  inputs finite: %s; finite outputs required: %s\n", inputs_finite ? "yes" : "no", want_finite ? "yes" : "no");
 
-  // ---- snapshot, call, check ------------------------------------------------------
-  for (Alloc& a : w.allocs) {
-    a.before.assign(a.mem.get(), a.mem.get() + a.bytes);
-    a.out_mask.assign(a.bytes, 0);
-  }
-  for (const Tensor& t : w.tensors) {
-    if (t.role != Role::output || !t.ref.given) continue;
-    Alloc& a = w.allocs[t.alloc];
-    const int es = esize(t.ref.dtype);
-    for_each(t.ref, [&](unsigned char* p) {
-      const std::size_t off = std::size_t(p - a.mem.get());
-      for (int b = 0; b < es && off + b < a.bytes; ++b) a.out_mask[off + b] = 1;
-    });
-  }
-
   // The call, with the tensors as they are in w now (oracle 5 moves an output).
   auto call = [&] {
     const nk::TensorRef x = ref("x"), y = ref("y"), dy = ref("dy"), dx = ref("dx");
+    nk::Epilogue e = epi;
+    e.scales = ref("scales");
     switch (kind) {
-      case k_layer: nk::layer_norm(x, y, normalized, ref("weight"), ref("bias"), eps, ref("mean"), ref("rstd")); break;
-      case k_rms: nk::rms_norm(x, y, normalized, ref("weight"), rms_eps, ref("rstd")); break;
+      case k_layer: nk::layer_norm(x, y, normalized, ref("weight"), ref("bias"), eps, ref("mean"), ref("rstd"), e); break;
+      case k_rms: nk::rms_norm(x, y, normalized, ref("weight"), rms_eps, ref("rstd"), e); break;
+      case k_add_layer:
+        nk::add_layer_norm(x, ref("residual"), y, ref("sum"), normalized, ref("weight"), ref("bias"), eps,
+                           ref("residual_bias"), e, ref("mean"), ref("rstd"));
+        break;
+      case k_add_rms:
+        nk::add_rms_norm(x, ref("residual"), y, ref("sum"), normalized, ref("weight"), rms_eps, ref("residual_bias"), e,
+                         ref("rstd"));
+        break;
       case k_bn_train:
       case k_bn_eval:
         nk::batch_norm(x, y, ref("running_mean"), ref("running_var"), ref("weight"), ref("bias"), kind == k_bn_train,
-                       momentum, eps, layout, ref("mean"), ref("rstd"));
+                       momentum, eps, layout, ref("mean"), ref("rstd"), e);
         break;
       case k_in_input:
       case k_in_running:
         nk::instance_norm(x, y, ref("running_mean"), ref("running_var"), ref("weight"), ref("bias"),
-                          kind == k_in_input, momentum, eps, layout, ref("mean"), ref("rstd"));
+                          kind == k_in_input, momentum, eps, layout, ref("mean"), ref("rstd"), e);
         break;
-      case k_group: nk::group_norm(x, y, num_groups, ref("weight"), ref("bias"), eps, layout, ref("mean"), ref("rstd")); break;
-      case k_adain_map: nk::adaptive_instance_norm(x, y, ref("style"), eps, layout); break;
-      case k_adain_stats: nk::adaptive_instance_norm(x, y, ref("style_mean"), ref("style_std"), eps, layout); break;
+      case k_group:
+        nk::group_norm(x, y, num_groups, ref("weight"), ref("bias"), eps, layout, ref("mean"), ref("rstd"), e);
+        break;
+      case k_adain_map: nk::adaptive_instance_norm(x, y, ref("style"), eps, layout, e); break;
+      case k_adain_stats: nk::adaptive_instance_norm(x, y, ref("style_mean"), ref("style_std"), eps, layout, e); break;
       case k_layer_bw:
         nk::layer_norm_backward(dy, x, ref("mean"), ref("rstd"), normalized, ref("weight"), dx, ref("dweight"),
                                 ref("dbias"));
@@ -1289,71 +1802,11 @@ int run_one(const std::uint8_t* data, std::size_t size) {
         break;
     }
   };
-  const nk::TensorRef x = ref("x");
-  bool threw = false;
-  try {
-    call();
-  } catch (const nk::Error& e) {
-    threw = true;
-    if (g_verbose) std::fprintf(stderr, "  -> normkit::Error: %s\n", e.what());
-    if (std::strlen(e.what()) == 0) fail("normkit::Error with an empty message");
-  } catch (const std::exception& e) {
-    fail(std::string("exception that is not normkit::Error: ") + e.what());
-  } catch (...) {
-    fail("exception of an unknown type");
-  }
-  if (g_verbose && !threw) std::fprintf(stderr, "  -> returned\n");
-
-  // Which tensor owns a changed byte (for the message).
-  auto owner = [&](int alloc, std::size_t off) {
-    std::string names;
-    for (const Tensor& t : w.tensors) {
-      if (t.alloc != alloc || !t.ref.given) continue;
-      bool hit = false;
-      const int es = esize(t.ref.dtype);
-      for_each(t.ref, [&](unsigned char* p) {
-        const std::size_t o = std::size_t(p - w.allocs[alloc].mem.get());
-        hit = hit || (off >= o && off < o + std::size_t(es));
-      });
-      if (hit) names += (names.empty() ? "" : ", ") + t.name;
-    }
-    return names.empty() ? std::string("bytes outside every view (padding)") : names;
+  // After a call that returned: the fused add equals the unfused norm on its sum.
+  auto after = [&] {
+    if (is_add) check_fused_equals_unfused(w, kind, normalized, eps, rms_eps, epi, exp_sum_ref, exp_ok);
   };
-  for (std::size_t ai = 0; ai < w.allocs.size(); ++ai) {
-    const Alloc& a = w.allocs[ai];
-    for (std::size_t b = 0; b < a.bytes; ++b) {
-      if (a.mem[b] == a.before[b]) continue;
-      if (threw) fail("normkit::Error thrown after writing memory: " + owner(int(ai), b) + " changed");
-      if (!a.out_mask[b]) fail("input modified / write outside the outputs' elements: " + owner(int(ai), b));
-    }
-  }
-  if (!threw) check_in_place_matches_out_of_place(w, call);
-  // Known normkit bugs (reported; see the list at known_issue()): skipped
-  // unless NORMKIT_FUZZ_STRICT=1, so a run stays useful until they are fixed.
-  const char* known = threw ? nullptr : known_issue(kind, x, ref("style"));
-  if (known && !g_strict) {
-    if (g_verbose) std::fprintf(stderr, "  (known issue, finiteness not checked: %s)\n", known);
-    return 0;
-  }
-  if (!threw && want_finite) {
-    for (const Tensor& t : w.tensors) {
-      if (t.role != Role::output || !t.ref.given) continue;
-      std::int64_t k = 0, bad = -1;
-      double bad_v = 0;
-      for_each(t.ref, [&](unsigned char* p) {
-        const double v = load(p, t.ref.dtype);
-        if (bad < 0 && !std::isfinite(v)) { bad = k; bad_v = v; }
-        ++k;
-      });
-      if (bad >= 0) {
-        char msg[256];
-        std::snprintf(msg, sizeof msg, "non-finite output for finite input: %s element %" PRId64 " (logical order) is %g",
-                      t.name.c_str(), bad, bad_v);
-        fail(msg);
-      }
-    }
-  }
-  return 0;
+  return check_call(w, kind, call, want_finite, after);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -120,6 +121,10 @@ void fold_batch_norm(const TensorRef& weight, const TensorRef& bias, const Tenso
     if (weight.shape[0] % groups != 0)
       core::fail_value("groups: " + std::to_string(groups) + " does not divide C_in = weight.shape[0] = " +
                        std::to_string(weight.shape[0]));
+    // Any groups divides C_in = 0: C_out = shape[1] * groups must still fit.
+    if (weight.shape[1] > std::numeric_limits<std::int64_t>::max() / groups)
+      core::fail_value("groups: " + std::to_string(groups) + " times weight.shape[1] = " +
+                       std::to_string(weight.shape[1]) + " channels overflows C_out");
     c_out = weight.shape[1] * groups;
   } else {
     if (weight.shape[0] % groups != 0)
