@@ -298,23 +298,41 @@ struct ChannelData {
   }
 };
 
+// Running statistics for eval BatchNorm (channel-norm cases) and the float64
+// reference output of an eval BatchNorm with them (eps 1e-5).
+template <class T>
+struct EvalStats {
+  std::vector<T> rm, rv;
+  std::vector<double> ref;
+};
+
+template <class T>
+EvalStats<T> eval_stats(const ChannelData<T>& d) {
+  EvalStats<T> e;
+  e.rm.resize(d.c);
+  e.rv.resize(d.c);
+  for (int64_t ci = 0; ci < d.c; ++ci) {
+    e.rm[ci] = from_double<T>(0.1 * ci - 0.5);
+    e.rv[ci] = from_double<T>(0.5 + 0.25 * ci);
+  }
+  e.ref.resize(d.x.d.size());
+  for (size_t i = 0; i < e.ref.size(); ++i) {
+    const int64_t ci = (static_cast<int64_t>(i) / d.s) % d.c;
+    e.ref[i] = (d.x.d[i] - to_double(e.rm[ci])) / std::sqrt(to_double(e.rv[ci]) + 1e-5) * d.w.d[ci] + d.b.d[ci];
+  }
+  return e;
+}
+
 template <class T>
 void check_channel_activations(std::mt19937& rng) {
   const Tol tol = output_tol<T>();
   for (const Shape4& k : kShapes) {
     const ChannelData<T> d(k, rng);
     std::vector<double> ones(d.c, 1.0), zeros(d.c, 0.0);
-    // Running statistics for eval BatchNorm.
-    std::vector<T> rm(d.c), rv(d.c);
-    for (int64_t ci = 0; ci < d.c; ++ci) {
-      rm[ci] = from_double<T>(0.1 * ci - 0.5);
-      rv[ci] = from_double<T>(0.5 + 0.25 * ci);
-    }
-    std::vector<double> eval_ref(d.x.d.size());
-    for (size_t i = 0; i < eval_ref.size(); ++i) {
-      const int64_t ci = (static_cast<int64_t>(i) / d.s) % d.c;
-      eval_ref[i] = (d.x.d[i] - to_double(rm[ci])) / std::sqrt(to_double(rv[ci]) + 1e-5) * d.w.d[ci] + d.b.d[ci];
-    }
+    EvalStats<T> ev = eval_stats(d);
+    std::vector<T>& rm = ev.rm;  // eval: read only, passed as the running statistics
+    std::vector<T>& rv = ev.rv;
+    const std::vector<double>& eval_ref = ev.ref;
     const Ref bn_ref = reference(d.x.d, d.n, d.c, d.s, d.c, false, d.w.d, d.b.d, 1e-5);
     const int64_t groups = d.c % 4 == 0 ? 4 : 1;
     const Ref gn_ref = reference(d.x.d, d.n, d.c, d.s, groups, true, d.w.d, d.b.d, 1e-5);
@@ -709,16 +727,10 @@ template <class T>
 void check_channel_quantized(std::mt19937& rng) {
   for (const Shape4& k : kShapes) {
     const ChannelData<T> d(k, rng);
-    std::vector<T> rm(d.c), rv(d.c);
-    for (int64_t ci = 0; ci < d.c; ++ci) {
-      rm[ci] = from_double<T>(0.1 * ci - 0.5);
-      rv[ci] = from_double<T>(0.5 + 0.25 * ci);
-    }
-    std::vector<double> eval_ref(d.x.d.size());
-    for (size_t i = 0; i < eval_ref.size(); ++i) {
-      const int64_t ci = (static_cast<int64_t>(i) / d.s) % d.c;
-      eval_ref[i] = (d.x.d[i] - to_double(rm[ci])) / std::sqrt(to_double(rv[ci]) + 1e-5) * d.w.d[ci] + d.b.d[ci];
-    }
+    EvalStats<T> ev = eval_stats(d);
+    std::vector<T>& rm = ev.rm;  // eval: read only, passed as the running statistics
+    std::vector<T>& rv = ev.rv;
+    const std::vector<double>& eval_ref = ev.ref;
     const Ref bn_ref = reference(d.x.d, d.n, d.c, d.s, d.c, false, d.w.d, d.b.d, 1e-5);
     const int64_t groups = d.c % 4 == 0 ? 4 : 1;
     const Ref gn_ref = reference(d.x.d, d.n, d.c, d.s, groups, true, d.w.d, d.b.d, 1e-5);

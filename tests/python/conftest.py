@@ -4,6 +4,7 @@
   (normkit.info()["kernel_paths_supported"]), switching with
   normkit._set_kernel_path and restoring the original path afterwards.
 - ``threads``: runs a test with 1 and with 2 threads, restoring the count.
+- ``torch``: PyTorch with one intra-op thread (the test is skipped without it).
 - ``rng``: a seeded NumPy Generator (a fresh one per test, so tests do not
   depend on their order).
 """
@@ -62,3 +63,16 @@ def restore_threads():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20240607)
+
+
+@pytest.fixture
+def torch():
+    """PyTorch (skipped when not installed), one intra-op thread while the test runs
+    (next to normkit's OpenMP threads on 2 cores its thread pool is ~10x slower)."""
+    torch = pytest.importorskip("torch")
+    original = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(original)

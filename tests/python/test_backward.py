@@ -408,19 +408,6 @@ def as_float64(case):
 # --------------------------------------------------------------------------- PyTorch
 
 
-@pytest.fixture
-def torch():
-    """PyTorch (skipped when not installed), one intra-op thread while the test runs
-    (next to normkit's OpenMP threads on 2 cores its thread pool is ~10x slower)."""
-    torch = pytest.importorskip("torch")
-    original = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield torch
-    finally:
-        torch.set_num_threads(original)
-
-
 def torch_grads(torch, case):
     """Autograd gradients of sum(y * dy) in float64 through torch.nn.functional
     (channels-last arrays are moved to channels-first for torch)."""

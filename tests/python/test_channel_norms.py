@@ -656,20 +656,6 @@ def test_torch_tensor_input(torch, rng):
                                                                                       layout="NHWC"))
 
 
-@pytest.fixture
-def torch():
-    """PyTorch (skipped when not installed), on one intra-op thread while the test runs:
-    next to normkit's OpenMP threads spinning on 2 cores, PyTorch's own thread pool makes
-    every small call ~10x slower."""
-    torch = pytest.importorskip("torch")
-    original = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield torch
-    finally:
-        torch.set_num_threads(original)
-
-
 # --------------------------------------------------------------------------- empty arrays
 
 # (norm, channels-first shape); every case is also run in the channels-last layout.

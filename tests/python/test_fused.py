@@ -1077,17 +1077,6 @@ def test_against_onnxruntime(func, dtype, skip, with_bias, rng):
 # --------------------------------------------------------------------------- PyTorch
 
 
-@pytest.fixture
-def torch():
-    torch = pytest.importorskip("torch")
-    original = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield torch
-    finally:
-        torch.set_num_threads(original)
-
-
 def _torch_act(F, t, name):
     if name == "gelu_tanh":
         return F.gelu(t, approximate="tanh")
