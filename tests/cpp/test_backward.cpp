@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "test_support.hpp"
 
 namespace nk = normkit;
 using std::int64_t;
@@ -70,15 +71,7 @@ void expect_close(const std::vector<double>& got, const std::vector<double>& wan
     ASSERT_NEAR(got[i], want[i], tol * std::max(scale, 1e-12)) << what << " at " << i;
 }
 
-// Expects `call` to throw normkit::Error with a message that starts with `prefix`.
-void expect_error(const std::function<void()>& call, const std::string& prefix) {
-  try {
-    call();
-    ADD_FAILURE() << "no error, expected one starting with " << prefix;
-  } catch (const nk::Error& e) {
-    EXPECT_EQ(std::string(e.what()).rfind(prefix, 0), 0u) << e.what();
-  }
-}
+using nk_test::expect_error;
 
 class BackwardOnPath : public ::testing::TestWithParam<std::string> {
  protected:

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "test_support.hpp"
 
 namespace nk = normkit;
 using std::int64_t;
@@ -30,14 +31,7 @@ std::vector<double> random_vector(int64_t n, unsigned seed, double lo = -1.0, do
   return v;
 }
 
-void expect_error(const std::function<void()>& call, const std::string& prefix) {
-  try {
-    call();
-    ADD_FAILURE() << "no error, expected one starting with " << prefix;
-  } catch (const nk::Error& e) {
-    EXPECT_EQ(std::string(e.what()).rfind(prefix, 0), 0u) << e.what();
-  }
-}
+using nk_test::expect_error;
 
 // One folding problem in float64, with the reference result.
 struct Problem {

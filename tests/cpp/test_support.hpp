@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -298,6 +299,17 @@ template <class F>
     return ::testing::AssertionFailure() << "threw something other than normkit::Error: " << e.what();
   }
   return ::testing::AssertionFailure() << "did not throw (expected an error about " << argument << ")";
+}
+
+// Expects `call` to throw normkit::Error with a message that starts with
+// `prefix` (any kind; throws_error above also checks the kind).
+inline void expect_error(const std::function<void()>& call, const std::string& prefix) {
+  try {
+    call();
+    ADD_FAILURE() << "no error, expected one starting with " << prefix;
+  } catch (const nk::Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind(prefix, 0), 0u) << e.what();
+  }
 }
 
 }  // namespace nk_test
