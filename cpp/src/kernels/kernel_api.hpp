@@ -62,6 +62,21 @@ enum class RowsNorm : std::uint8_t {
   scale_shift,  // statistics known: y = x * weight[p] + bias[p] (per segment)
 };
 
+// The optional terms of the apply step with known statistics (the "scale_shift"
+// rows problem and the columns apply), in stats_dtype(dtype), per segment entry
+// (rows) or per table entry (columns):
+//   y = ((x - center_hi) - center_lo) * scale + shift [+ dy * dy_scale]
+// The centre (split in two so that a large mean stays exact) may be absent:
+// the folded y = x * scale + shift. The dy term is the channel norms'
+// backward (dx from one pass); dy has x's dtype and layout.
+struct ApplyTerms {
+  const void* center_hi = nullptr;
+  const void* center_lo = nullptr;
+  const void* dy = nullptr;
+  std::int64_t dy_row_stride = 0;  // rows problems
+  const void* dy_scale = nullptr;
+};
+
 // The "rows" pattern: `rows` independent rows of `cols` contiguous elements.
 // Serves LayerNorm and RMSNorm (affine per column) and the channels-first
 // instance/group norms, AdaIN and folded BatchNorm inference (affine per
@@ -85,15 +100,7 @@ struct RowsForward {
   std::int64_t param_period = 1;  // see above
   const void* weight = nullptr;  // per column or per segment entry, or null (scale_shift: the scales)
   const void* bias = nullptr;    // likewise, or null; unused for rms (scale_shift: the shifts)
-  // scale_shift only, optional, per segment entry in stats_dtype(dtype):
-  // y = ((x - center_hi) - center_lo) * scale + shift (exact when the data has a large mean).
-  const void* center_hi = nullptr;
-  const void* center_lo = nullptr;
-  // scale_shift only, optional: a gradient term, y += dy * dy_scale[p] (the
-  // apply step of the channel norms' backward). dy has x's dtype.
-  const void* dy = nullptr;
-  std::int64_t dy_row_stride = 0;
-  const void* dy_scale = nullptr;  // per segment entry, stats_dtype(dtype)
+  ApplyTerms apply;              // scale_shift only: centre tables, the backward's dy term
   void* mean = nullptr;          // `rows` elements of stats_dtype(dtype) or null (layer only)
   void* rstd = nullptr;          // `rows` elements of stats_dtype(dtype) or null
   // For the core's merges (layer only), optional: per-row mean and biased
@@ -134,11 +141,7 @@ struct ColumnsApply {
   void* y = nullptr;
   const void* scale = nullptr;
   const void* shift = nullptr;
-  const void* center_hi = nullptr;
-  const void* center_lo = nullptr;
-  // Optional gradient term: y += dy * dy_scale (table like scale; dy like x).
-  const void* dy = nullptr;
-  const void* dy_scale = nullptr;
+  ApplyTerms apply;  // centre tables and dy term, tables like scale (dy_row_stride unused)
   StoreStage store;  // plain, or an epilogue (no dynamic scales)
   bool streaming_stores = false;
   int threads = 1;

@@ -318,6 +318,11 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   AccTable dy_scale_t;
   if (dy_scale) dy_scale_t = table(*dy_scale);
   const void* dy_data = dy.given ? dy.data : nullptr;
+  kernels::ApplyTerms apply;  // what the rows and the columns kernels share
+  apply.center_hi = center ? hi_t.data() : nullptr;
+  apply.center_lo = center ? lo_t.data() : nullptr;
+  apply.dy = dy_data;
+  apply.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
   const bool stream = !core::same_memory(x, y) && !(dy.given && core::same_memory(dy, y)) &&
                       runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
   const int threads = runtime::threads_for(2 * bytes);
@@ -336,11 +341,8 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.param_period = per_sample ? g.n * g.c : g.c;
     p.weight = scale_t.data();
     p.bias = shift_t.data();
-    p.center_hi = center ? hi_t.data() : nullptr;
-    p.center_lo = center ? lo_t.data() : nullptr;
-    p.dy = dy_data;
-    p.dy_row_stride = g.s;
-    p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
+    p.apply = apply;
+    p.apply.dy_row_stride = g.s;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
     p.threads = threads;
@@ -356,10 +358,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.y = y.data;
     p.scale = scale_t.data();
     p.shift = shift_t.data();
-    p.center_hi = center ? hi_t.data() : nullptr;
-    p.center_lo = center ? lo_t.data() : nullptr;
-    p.dy = dy_data;
-    p.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
+    p.apply = apply;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
     p.threads = threads;
