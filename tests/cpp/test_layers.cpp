@@ -119,6 +119,7 @@ std::vector<double> values_of(const nk::Buffer& b) {
       case nk::DType::float64: out[i] = static_cast<const double*>(b.data())[i]; break;
       case nk::DType::float16: out[i] = static_cast<float>(static_cast<const nk::half*>(b.data())[i]); break;
       case nk::DType::bfloat16: out[i] = static_cast<float>(static_cast<const nk::bfloat16*>(b.data())[i]); break;
+      default: ADD_FAILURE() << "a layer buffer of a quantized dtype"; return out;
     }
   }
   return out;
