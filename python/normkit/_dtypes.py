@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import _cuda, _ext
@@ -46,6 +48,16 @@ def as_input(x, name: str) -> np.ndarray:
     if dt == FLOAT32 or dt == FLOAT64 or dt == FLOAT16 or is_bf16(dt):
         return x
     raise TypeError(f"{name}: expected {_EXPECTED}, got dtype {dt}")
+
+
+def as_int(value, name: str) -> int:
+    """An integer argument (bools refused, anything with __index__ taken)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}") from None
 
 
 def as_params(x_dtype, *named):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
 from . import _ext
-from ._dtypes import FLOAT32, as_input, is_16bit, is_bf16, kernel_view
+from ._dtypes import FLOAT32, as_input, as_int, is_16bit, is_bf16, kernel_view
 from ._functional import _eps
 
 __all__ = ["fold_batch_norm"]
@@ -29,15 +27,6 @@ def _vector(a, name: str, weight_dtype, allow_float32: bool):
     if a.dtype == weight_dtype or (allow_float32 and a.dtype == FLOAT32):
         return np.asarray(a, order="C")
     return np.asarray(a, dtype=FLOAT32 if allow_float32 else weight_dtype, order="C")
-
-
-def _groups(groups) -> int:
-    if isinstance(groups, bool):
-        raise TypeError(f"groups: expected an int, got {groups!r}")
-    try:
-        return operator.index(groups)
-    except TypeError:
-        raise TypeError(f"groups: expected an int, got {groups!r}") from None
 
 
 def _c_out(shape: tuple, transpose: bool, groups: int) -> int:
@@ -95,7 +84,7 @@ def fold_batch_norm(weight, bias, running_mean, running_var, eps, bn_weight, bn_
     bn_bias = _vector(bn_bias, "bn_bias", dtype, wide)
     eps = _eps(eps)
     transpose = bool(transpose)
-    groups = _groups(groups)
+    groups = as_int(groups, "groups")
     folded_weight, folded_bias = new_outputs(weight, transpose, groups)
     arrays = [weight, bias, running_mean, running_var, bn_weight, bn_bias, folded_weight, folded_bias]
     bf16 = is_bf16(dtype)

@@ -39,16 +39,15 @@ from __future__ import annotations
 
 import collections
 import numbers
-import operator
 
 import numpy as np
 
 from . import _cuda, _ext
 from ._channels import Layout, _layout
-from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, empty, is_bf16
+from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, as_int, empty, is_bf16
 from ._epilogue import ACTIVATIONS
 from ._epilogue import parse as parse_epilogue
-from ._fold import _groups, new_outputs, prepare_weight
+from ._fold import new_outputs, prepare_weight
 from ._functional import _eps, _normalized_shape
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
@@ -72,15 +71,6 @@ def _dtype_name(dtype) -> str:
     if is_bf16(dt):
         return "bfloat16"
     raise TypeError(f"dtype: expected float32, float64, float16 or bfloat16, got {dt}")
-
-
-def _int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {value!r}") from None
 
 
 def _optional_real(value, name: str):
@@ -369,7 +359,7 @@ class _RunningNorm(_Layer):
     def _init(self, base, num_features, eps, momentum, affine, track_running_stats, layout, dtype, activation):
         base.__init__(
             self,
-            _int(num_features, "num_features"),
+            as_int(num_features, "num_features"),
             _eps(eps),
             _optional_real(momentum, "momentum"),
             bool(affine),
@@ -422,7 +412,7 @@ class BatchNorm(_RunningNorm, _ext._BatchNorm):
         """
         weight, bias = prepare_weight(weight, bias)
         transpose = bool(transpose)
-        groups = _groups(groups)
+        groups = as_int(groups, "groups")
         folded_weight, folded_bias = new_outputs(weight, transpose, groups)
         if is_bf16(weight.dtype):
             self._fold(weight.view(_UINT16), None if bias is None else bias.view(_UINT16),
@@ -460,8 +450,8 @@ class GroupNorm(_Layer, _ext._GroupNorm):
                  activation=None):
         _ext._GroupNorm.__init__(
             self,
-            _int(num_groups, "num_groups"),
-            _int(num_channels, "num_channels"),
+            as_int(num_groups, "num_groups"),
+            as_int(num_channels, "num_channels"),
             _eps(eps),
             bool(affine),
             _layout(layout),
