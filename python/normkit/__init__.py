@@ -3,7 +3,9 @@
 Functions: layer_norm, rms_norm, batch_norm, instance_norm, group_norm,
 adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...), and
 their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward;
-fold_batch_norm (BatchNorm folded into the convolution before it).
+fold_batch_norm (BatchNorm folded into the convolution before it);
+moments, merge_moments, Moments (statistics that merge across shards),
+recalibrate_batch_norm; normkit.distributed.SyncBatchNorm (over mpi4py).
 Runtime: set_num_threads, get_num_threads, info.
 See README.md for the whole surface.
 """
@@ -14,6 +16,7 @@ from . import _ext
 from ._backward import (
     adaptive_instance_norm_backward,
     batch_norm_backward,
+    batch_norm_grad_sums,
     group_norm_backward,
     instance_norm_backward,
     layer_norm_backward,
@@ -22,7 +25,9 @@ from ._backward import (
 from ._channels import Layout, adaptive_instance_norm, batch_norm, group_norm, instance_norm
 from ._fold import fold_batch_norm
 from ._functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from ._layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from ._layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, recalibrate_batch_norm
+from ._moments import Moments, merge_moments, moments
+from . import distributed  # (imports mpi4py only when a SyncBatchNorm needs it)
 
 __version__ = _ext.__version__
 
@@ -64,10 +69,15 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm_backward",
     "batch_norm_backward",
+    "batch_norm_grad_sums",
     "instance_norm_backward",
     "group_norm_backward",
     "adaptive_instance_norm_backward",
     "fold_batch_norm",
+    "Moments",
+    "moments",
+    "merge_moments",
+    "recalibrate_batch_norm",
     "BatchNorm",
     "GroupNorm",
     "InstanceNorm",

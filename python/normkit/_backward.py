@@ -14,7 +14,8 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._channels import _channel_input, _layout
+from ._channels import _channel_input
+from ._layouts import layout_name
 from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
 from ._functional import _eps, _rows_input
 
@@ -22,6 +23,7 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm_backward",
     "batch_norm_backward",
+    "batch_norm_grad_sums",
     "instance_norm_backward",
     "group_norm_backward",
     "adaptive_instance_norm_backward",
@@ -101,19 +103,68 @@ def _channel_backward_args(dy, x, mean, rstd, weight):
     return dy, x, bf16, mean, rstd, weight, dx, dweight, dbias
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None, stream=None):
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None, sum_dy=None, sum_dy_xmu=None,
+                        count=None, stream=None):
     """Gradient of ``batch_norm``: returns ``(dx, dweight, dbias)``.
 
     ``training=True``: through the batch statistics (``mean``, ``rstd`` from the
     training forward); ``training=False``: the running statistics were constants
     (``dx = dy * weight * rstd``).
+
+    Distributed (x one shard of a batch normalized with the whole batch's
+    statistics, ``batch_norm(..., stats=m)``): give the whole batch's
+    ``sum_dy``, ``sum_dy_xmu`` (each (C,): the shards' ``batch_norm_grad_sums``
+    added) and ``count``; ``mean``, ``rstd`` are the statistics the forward used
+    (float64 ``m.mean``, ``m.rstd(eps)`` keep them exact). dweight and dbias are
+    then the whole batch's.
     """
+    if sum_dy is not None or sum_dy_xmu is not None or count is not None:
+        return _batch_norm_backward_global(dy, x, mean, rstd, weight, training, layout, sum_dy, sum_dy_xmu, count)
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         return _cuda.batch_norm_backward(dy, x, mean, rstd, weight, training, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.batch_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
-                             kernel_view(dweight), kernel_view(dbias), bool(training), _layout(layout), bf16)
+                             kernel_view(dweight), kernel_view(dbias), bool(training), layout_name(layout), bf16)
     return dx, dweight, dbias
+
+
+def _global_sum(value, name, channels):
+    if value is None:
+        raise ValueError(f"{name}: required with sum_dy, sum_dy_xmu and count (the whole batch's sums)")
+    a = np.ascontiguousarray(as_input(value, name), dtype=np.float64)
+    if a.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},), one value per channel, got {a.shape}")
+    return a
+
+
+def _batch_norm_backward_global(dy, x, mean, rstd, weight, training, layout, sum_dy, sum_dy_xmu, count):
+    if not training:
+        raise ValueError("sum_dy: the whole batch's sums are only used with training=True")
+    if count is None:
+        raise ValueError("count: required with sum_dy and sum_dy_xmu (the whole batch's values per channel)")
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count: expected an int, got {count!r}")
+    dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
+    channels = mean.size
+    sum_dy, sum_dy_xmu = _global_sum(sum_dy, "sum_dy", channels), _global_sum(sum_dy_xmu, "sum_dy_xmu", channels)
+    _ext.batch_norm_backward_with_sums(kernel_view(dy), kernel_view(x), mean, rstd, int(count), sum_dy, sum_dy_xmu,
+                                    kernel_view(weight), kernel_view(dx), kernel_view(dweight), kernel_view(dbias),
+                                    layout_name(layout), bf16)
+    return dx, dweight, dbias
+
+
+def batch_norm_grad_sums(dy, x, mean, *, layout=None):
+    """BatchNorm's backward reductions over this x (one shard of a batch):
+    ``(sum_dy, sum_dy_xmu, count)``, float64 (C,) sums of dy and dy * (x - mean)
+    per channel and the count of values per channel. Added over all shards (one
+    all-reduce), they are what ``batch_norm_backward(..., sum_dy=, sum_dy_xmu=,
+    count=)`` takes; ``mean`` is the one the forward normalized with (float64
+    ``m.mean`` of the merged moments)."""
+    x, bf16 = _channel_input(as_input(x, "x"))
+    dy = _like_x(dy, x)
+    mean = _saved(mean, "mean", x.dtype)
+    count, s_dy, s_dy_xmu = _ext.batch_norm_grad_sums(kernel_view(dy), kernel_view(x), mean, layout_name(layout), bf16)
+    return s_dy, s_dy_xmu, count
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, layout=None, stream=None):
@@ -122,7 +173,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
         return _cuda.instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.instance_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
-                                kernel_view(dweight), kernel_view(dbias), bool(use_input_stats), _layout(layout),
+                                kernel_view(dweight), kernel_view(dbias), bool(use_input_stats), layout_name(layout),
                                 bf16)
     return dx, dweight, dbias
 
@@ -135,7 +186,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=No
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.group_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, int(num_groups), kernel_view(weight),
-                             kernel_view(dx), kernel_view(dweight), kernel_view(dbias), _layout(layout), bf16)
+                             kernel_view(dx), kernel_view(dweight), kernel_view(dbias), layout_name(layout), bf16)
     return dx, dweight, dbias
 
 
@@ -159,7 +210,7 @@ def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None, stre
         dmean, dstd = np.empty_like(style_mean), np.empty_like(style_std)
         _ext.adaptive_instance_norm_backward(kernel_view(dy), kernel_view(x), None, kernel_view(style_mean),
                                              kernel_view(style_std), eps, kernel_view(dx), None, kernel_view(dmean),
-                                             kernel_view(dstd), _layout(layout), bf16)
+                                             kernel_view(dstd), layout_name(layout), bf16)
         return dx, (dmean, dstd)
     style_map = as_input(style, "style")
     if style_map.dtype != x.dtype:
@@ -167,5 +218,5 @@ def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None, stre
     style_map = np.ascontiguousarray(style_map)
     dstyle = empty(style_map.shape, style_map.dtype)
     _ext.adaptive_instance_norm_backward(kernel_view(dy), kernel_view(x), kernel_view(style_map), None, None, eps,
-                                         kernel_view(dx), kernel_view(dstyle), None, None, _layout(layout), bf16)
+                                         kernel_view(dx), kernel_view(dstyle), None, None, layout_name(layout), bf16)
     return dx, dstyle

@@ -16,18 +16,11 @@ from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
 from ._epilogue import PLAIN, parse, quantized_output
 from ._functional import _eps, _no_cuda_epilogue
+from ._layouts import Layout, layout_name
+from ._moments import Moments
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
 
-Layout = _ext.Layout
-
-
-def _layout(layout):
-    if layout is None or isinstance(layout, str):
-        return layout
-    if isinstance(layout, Layout):
-        return layout.name
-    raise TypeError(f"layout: expected a layout name such as 'NHWC' or a normkit.Layout, got {layout!r}")
 
 
 def _momentum(momentum) -> float:
@@ -94,7 +87,8 @@ def _stats(return_stats, shape, x_dtype):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-               *, layout=None, activation=None, quantize=None, scale=None, out=None, return_stats=False, stream=None):
+               *, layout=None, activation=None, quantize=None, scale=None, out=None, return_stats=False, stats=None,
+               stream=None):
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalizes with the batch statistics (biased variance) and
@@ -103,7 +97,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     ``activation`` ("relu", "silu", "gelu", "gelu_tanh") applies after the affine;
     ``quantize`` ("int8", "float8_e4m3") with a static ``scale`` gives a quantized output.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (C,).
+    ``stats`` (training only): a ``normkit.Moments`` of shape (C,), e.g. the
+    moments of the whole batch merged over shards, used instead of x's own
+    statistics, also for the running statistics (unbiased with stats' count).
     """
+    if stats is not None:
+        return _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training, momentum, eps, layout,
+                                      activation, quantize, scale, out, return_stats, stats)
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         _no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, return_stats,
@@ -114,13 +114,32 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         x, running_mean, running_var, weight, bias, momentum, eps, out, training, ep)
     mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
     _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
-                    momentum, eps, _layout(layout), mean, rstd, bf16, *ep)
+                    momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
+    y = _finish(y, copy_to)
+    return (y, mean, rstd) if return_stats else y
+
+
+def _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, activation,
+                           quantize, scale, out, return_stats, stats):
+    if not isinstance(stats, Moments):
+        raise TypeError(f"stats: expected a normkit.Moments (normkit.moments / merge_moments), got {type(stats).__name__}")
+    if not training:
+        raise ValueError("stats: only used with training=True (in eval the running statistics normalize)")
+    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+        raise ValueError(f"stats: batch_norm with given statistics runs on the CPU; x is on cuda:{_cuda.device_of(x)}")
+    ep = parse(activation, quantize, scale, dynamic_allowed=False)
+    x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
+        x, running_mean, running_var, weight, bias, momentum, eps, out, True, ep)
+    mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
+    _ext.batch_norm_with_stats(kernel_view(x), kernel_view(y), list(stats.shape), stats.count, stats.mean, stats.m2, rm, rv,
+                               kernel_view(weight), kernel_view(bias), momentum, eps, layout_name(layout), mean, rstd,
+                               bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
 def _n_c(x, layout):
-    name = _layout(layout)
+    name = layout_name(layout)
     if x.ndim < 2:
         return 0, 0
     return x.shape[0], x.shape[-1] if name in ("NC", "NLC", "NHWC", "NDHWC") else x.shape[1]
@@ -146,7 +165,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats, ep)
     mean, rstd = _stats(return_stats, _n_c(x, layout), x.dtype)
     _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
-                       use_input_stats, momentum, eps, _layout(layout), mean, rstd, bf16, *ep)
+                       use_input_stats, momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
@@ -173,7 +192,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     n = x.shape[0] if x.ndim >= 1 else 0
     mean, rstd = _stats(return_stats, (n, max(int(num_groups), 0)), x.dtype)
     _ext.group_norm(kernel_view(x), kernel_view(y), int(num_groups), kernel_view(weight), kernel_view(bias), eps,
-                    _layout(layout), mean, rstd, bf16, *ep)
+                    layout_name(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
@@ -206,5 +225,5 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, activation=None, 
         style_map = np.ascontiguousarray(style_map)
     y, copy_to = _channel_output(out, x, given)
     _ext.adaptive_instance_norm(kernel_view(x), kernel_view(y), kernel_view(style_map), kernel_view(style_mean),
-                                kernel_view(style_std), eps, _layout(layout), bf16, ep.activation)
+                                kernel_view(style_std), eps, layout_name(layout), bf16, ep.activation)
     return _finish(y, copy_to)

@@ -22,6 +22,7 @@ import numbers
 import numpy as np
 
 from . import _ext
+from ._layouts import layout_name as _layout
 
 # DLPack device types that are CUDA device memory.
 _DLPACK_CUDA = 2
@@ -190,12 +191,6 @@ def _eps(eps):
     from ._functional import _eps as eps_of
 
     return eps_of(eps)
-
-
-def _layout(layout):
-    from ._channels import _layout as layout_of
-
-    return layout_of(layout)
 
 
 def _n_c(x, layout):

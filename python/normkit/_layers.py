@@ -43,14 +43,15 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._channels import Layout, _layout
+from ._layouts import Layout, layout_name
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, as_int, empty, is_bf16
 from ._epilogue import ACTIVATIONS
 from ._epilogue import parse as parse_epilogue
 from ._fold import new_outputs, prepare_weight
 from ._functional import _eps, _normalized_shape
+from ._moments import Moments, merge_moments, moments
 
-__all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "recalibrate_batch_norm"]
 
 _UINT16 = np.dtype(np.uint16)
 
@@ -364,7 +365,7 @@ class _RunningNorm(_Layer):
             _optional_real(momentum, "momentum"),
             bool(affine),
             bool(track_running_stats),
-            _layout(layout),
+            layout_name(layout),
             _dtype_name(dtype),
         )
         self._set_activation_name(activation)
@@ -401,6 +402,32 @@ class BatchNorm(_RunningNorm, _ext._BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  layout=None, dtype=np.float32, activation=None):
         self._init(_ext._BatchNorm, num_features, eps, momentum, affine, track_running_stats, layout, dtype, activation)
+
+    def recalibrate(self, batches):
+        """Sets running_mean / running_var to the exact population mean and
+        unbiased variance of all values of ``batches`` (an iterable of arrays of
+        any batch sizes, in the layer's layout), in one pass with memory for one
+        batch's statistics (as fvcore's PreciseBN, but exact rather than an
+        average of per-batch statistics). num_batches_tracked is left alone.
+        Returns self."""
+        if not self.track_running_stats:
+            raise ValueError("recalibrate: the layer has no running statistics (track_running_stats=False)")
+        total = Moments(0, np.zeros(self.num_features), np.zeros(self.num_features))
+        for i, x in enumerate(batches):
+            m = moments(x, norm="batch", layout=self._layout_name)
+            if m.shape != total.shape:
+                raise ValueError(f"batches[{i}]: expected {self.num_features} channels (num_features), got "
+                                 f"statistics of shape {m.shape}")
+            total = merge_moments(total, m)
+        total = self._merge_recalibration(total)
+        if total.count < 2:
+            raise ValueError(f"batches: expected more than 1 value per channel in all, got {total.count}")
+        self.running_mean = total.mean
+        self.running_var = total.var(1)
+        return self
+
+    def _merge_recalibration(self, total):
+        return total  # SyncBatchNorm: merged over the ranks
 
     def fold(self, weight, bias=None, *, transpose=False, groups=1):
         """The layer, in inference form, folded into the convolution or linear
@@ -454,7 +481,7 @@ class GroupNorm(_Layer, _ext._GroupNorm):
             as_int(num_channels, "num_channels"),
             _eps(eps),
             bool(affine),
-            _layout(layout),
+            layout_name(layout),
             _dtype_name(dtype),
         )
         self._set_activation_name(activation)
@@ -526,3 +553,11 @@ class RMSNorm(_Layer, _ext._RMSNorm):
 
 
 _PUBLIC = (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm)
+
+
+def recalibrate_batch_norm(layer, batches):
+    """``layer.recalibrate(batches)``: a BatchNorm's running statistics set to the exact
+    population mean and unbiased variance over ``batches``. Returns the layer."""
+    if not isinstance(layer, BatchNorm):
+        raise TypeError(f"layer: expected a normkit.BatchNorm, got {type(layer).__name__}")
+    return layer.recalibrate(batches)

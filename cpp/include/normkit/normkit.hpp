@@ -7,6 +7,7 @@
 #include "normkit/fused.hpp"
 #include "normkit/layers.hpp"
 #include "normkit/layout.hpp"
+#include "normkit/moments.hpp"
 #include "normkit/norms.hpp"
 #include "normkit/runtime.hpp"
 #include "normkit/tensor.hpp"

@@ -21,6 +21,7 @@
 #include "core/check.hpp"
 #include "norms/checks.hpp"
 #include "kernels/kernel_api.hpp"
+#include "normkit/moments.hpp"
 #include "normkit/norms.hpp"
 #include "plan/backward_plan.hpp"
 #include "plan/channel_plan.hpp"
@@ -260,6 +261,32 @@ plan::GradSums constant_stats_backward(const TensorRef& dy, const TensorRef& x, 
   return sums;
 }
 
+// BatchNorm's training backward apply pass, from the reductions over the whole
+// batch (count values per channel; sum_dy_xmu taken around `center`, the
+// exact mean): dx for this x, and the weight / bias gradients.
+void batch_training_apply(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
+                          const TensorRef& weight, const std::vector<double>& center,
+                          const std::vector<double>& rstd_c, const std::vector<double>& sum_dy,
+                          const std::vector<double>& sum_dy_xmu, std::int64_t count, std::vector<double>& dw,
+                          std::vector<double>& db) {
+  std::vector<double> dy_scale(g.c), scale(g.c), shift(g.c);
+  for (std::int64_t c = 0; c < g.c; ++c) {
+    const double w = weight_at(weight, c), rs = rstd_c[c];
+    db[c] = sum_dy[c];
+    dw[c] = rs * sum_dy_xmu[c];
+    dy_scale[c] = w * rs;
+    scale[c] = -w * rs * rs * (dw[c] / double(count));
+    shift[c] = -w * rs * (db[c] / double(count));
+  }
+  if (x.numel() > 0) plan::channel_apply(x, dx, g, /*per_sample=*/false, scale, shift, &center, 0, dy, &dy_scale);
+}
+
+// A statistic given to the distributed backward: (C), float64 (exact) or stats_dtype(x).
+void check_given_stat(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype) {
+  core::check_given(t, name);
+  core::check_stats_output(t, name, channels, t.dtype == DType::float64 ? DType::float64 : stats_dtype(x_dtype));
+}
+
 }  // namespace
 
 void layer_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -297,24 +324,71 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
         db[c] = s.dy[c];
       }
   } else {
-    // Sums first (dx may overwrite x or dy), then the apply pass.
+    // Sums first (dx may overwrite x or dy), then the apply pass. The saved
+    // mean may be rounded (float32): recentre on the exact mean of x,
+    // mean + sum(x - mean) / count, and take dy * (x - mean) around it.
     const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, mean_c);
-    const double count = double(s.count);
-    std::vector<double> center(g.c), dy_scale(g.c), scale(g.c), shift(g.c);
+    std::vector<double> center(g.c), sum_dy_xmu(g.c);
     for (std::int64_t c = 0; c < g.c; ++c) {
-      const double delta = s.xc[c] / count;
-      const double w = weight_at(weight, c), rs = rstd_c[c];
-      db[c] = s.dy[c];
-      dw[c] = rs * (s.dy_xc[c] - delta * s.dy[c]);
+      const double delta = s.xc[c] / double(s.count);
       center[c] = mean_c[c] + delta;
-      dy_scale[c] = w * rs;
-      scale[c] = -w * rs * rs * (dw[c] / count);
-      shift[c] = -w * rs * (db[c] / count);
+      sum_dy_xmu[c] = s.dy_xc[c] - delta * s.dy[c];
     }
-    plan::channel_apply(x, dx, g, /*per_sample=*/false, scale, shift, &center, 0, dy, &dy_scale);
+    batch_training_apply(dy, x, dx, g, weight, center, rstd_c, s.dy, sum_dy_xmu, s.count, dw, db);
   }
   write_all(dweight, dw);
   write_all(dbias, db);
+}
+
+BatchNormGradSums batch_norm_grad_sums(const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
+                                       std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dy, layout, TensorRef{}, TensorRef{}, TensorRef{});
+  check_given_stat(mean, "mean", g.c, x.dtype);
+  BatchNormGradSums out;
+  out.count = g.n * g.s;
+  out.sum_dy.assign(g.c, 0.0);
+  out.sum_dy_xmu.assign(g.c, 0.0);
+  if (x.numel() == 0) return out;
+  const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, read_all(mean));
+  out.sum_dy = s.dy;
+  out.sum_dy_xmu = s.dy_xc;
+  return out;
+}
+
+void batch_norm_backward_with_sums(const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
+                                   const TensorRef& rstd, const BatchNormGradSums& global_sums,
+                                   const TensorRef& weight, const TensorRef& dx, const TensorRef& dweight,
+                                   const TensorRef& dbias, std::optional<Layout> layout) {
+  const ChannelGeometry g = check_channel_backward(dy, x, dx, layout, weight, dweight, dbias);
+  check_given_stat(mean, "mean", g.c, x.dtype);
+  check_given_stat(rstd, "rstd", g.c, x.dtype);
+  core::check_disjoint({{dx, "dx"}, {dweight, "dweight"}, {dbias, "dbias"}}, {{mean, "mean"}, {rstd, "rstd"}});
+  const auto channels = static_cast<std::size_t>(g.c);
+  if (global_sums.sum_dy.size() != channels || global_sums.sum_dy_xmu.size() != channels)
+    core::fail_value("sum_dy: expected " + std::to_string(g.c) + " values (one per channel) in sum_dy and " +
+                     "sum_dy_xmu, got " + std::to_string(global_sums.sum_dy.size()) + " and " +
+                     std::to_string(global_sums.sum_dy_xmu.size()));
+  if (global_sums.count < g.n * g.s || global_sums.count < 1)
+    core::fail_value("count: the whole batch's count (" + std::to_string(global_sums.count) +
+                     ") must be positive and at least this part's " + std::to_string(g.n * g.s));
+  std::vector<double> dw(g.c), db(g.c);
+  batch_training_apply(dy, x, dx, g, weight, read_all(mean), read_all(rstd), global_sums.sum_dy,
+                       global_sums.sum_dy_xmu, global_sums.count, dw, db);
+  write_all(dweight, dw);
+  write_all(dbias, db);
+}
+
+BatchNormGradSums& BatchNormGradSums::add(const BatchNormGradSums& other) {
+  if (sum_dy.empty() && sum_dy_xmu.empty() && count == 0) return *this = other;
+  if (other.sum_dy.size() != sum_dy.size() || other.sum_dy_xmu.size() != sum_dy_xmu.size())
+    core::fail_value("other: expected sums of " + std::to_string(sum_dy.size()) + " channels, got " +
+                     std::to_string(other.sum_dy.size()));
+  count += other.count;
+  for (std::size_t c = 0; c < sum_dy.size(); ++c) {
+    sum_dy[c] += other.sum_dy[c];
+    sum_dy_xmu[c] += other.sum_dy_xmu[c];
+  }
+  return *this;
 }
 
 void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -379,7 +453,7 @@ namespace {
 // (sample, channel). Returns dstyle_mean (sum dy) and dstyle_std (sum dy * xhat).
 AffineGrads adain_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
                            const std::vector<double>& style_std, double eps) {
-  const plan::Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
+  const plan::GroupMoments m = plan::channel_moments(x, g, g.c, /*per_sample=*/true);
   std::vector<double> rstd(m.var.size());
   for (std::size_t i = 0; i < rstd.size(); ++i) rstd[i] = 1.0 / std::sqrt(m.var[i] + eps);
   return per_sample_backward(dy, x, dx, g, g.c, m.mean, rstd, style_std);
@@ -395,7 +469,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
     write_zeros(dstyle);
     return;
   }
-  const plan::Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
+  const plan::GroupMoments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
   std::vector<double> style_std(ms.var.size());
   for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
   const AffineGrads a = adain_backward(dy, x, dx, g, style_std, eps);

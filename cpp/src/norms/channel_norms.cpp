@@ -11,6 +11,7 @@
 
 #include "core/check.hpp"
 #include "norms/checks.hpp"
+#include "normkit/moments.hpp"
 #include "normkit/norms.hpp"
 #include "plan/channel_plan.hpp"
 #include "plan/store_plan.hpp"
@@ -77,6 +78,16 @@ void check_batch_statistics(const TensorRef& x, const ChannelGeometry& g) {
                      x.shape.to_string());
 }
 
+void check_given_batch_stats(const Moments& stats, std::int64_t channels) {
+  if (stats.shape != Dims{channels} || stats.size() != channels ||
+      static_cast<std::int64_t>(stats.m2.size()) != channels)
+    core::fail_value("stats: expected moments of shape (" + std::to_string(channels) + ",) for x's " +
+                     std::to_string(channels) + " channels, got shape " + stats.shape.to_string());
+  if (stats.count < 2)
+    core::fail_value("stats: expected more than 1 value per channel when training, got a count of " +
+                     std::to_string(stats.count));
+}
+
 void check_instance_statistics(const TensorRef& x, const ChannelGeometry& g) {
   if (g.s == 1 && x.numel() > 0)
     core::fail_value("x: expected more than 1 spatial element when training, got input of shape " +
@@ -132,7 +143,6 @@ ChannelGeometry check_adain_style_stats(const TensorRef& x, const TensorRef& y, 
 namespace {
 
 using namespace norms;
-using plan::Moments;
 
 double param_or(const TensorRef& t, std::int64_t i, double fallback) {
   return t.given ? plan::read_element(t, i) : fallback;
@@ -182,6 +192,33 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
 
 }  // namespace
 
+namespace {
+
+// BatchNorm training with per-channel statistics (mean, biased var over
+// `count` values): y, then the running statistics (unbiased variance), in
+// double, after y is written (an in-place call must not see them change first).
+void normalize_with_batch_stats(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g,
+                                const std::vector<double>& batch_mean, const std::vector<double>& batch_var,
+                                std::int64_t count, const TensorRef& running_mean, const TensorRef& running_var,
+                                const TensorRef& weight, const TensorRef& bias, double momentum, double eps,
+                                const kernels::StoreStage& store, std::vector<double>& rstd_c) {
+  rstd_c = rstd_of(batch_var, eps);
+  if (x.numel() > 0) {
+    std::vector<double> scale(g.c), shift(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) {
+      scale[c] = param_or(weight, c, 1.0) * rstd_c[c];
+      shift[c] = param_or(bias, c, 0.0);
+    }
+    plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &batch_mean, 0, {}, nullptr, &store);
+  }
+  std::vector<double> unbiased(g.c);
+  for (std::int64_t c = 0; c < g.c; ++c) unbiased[c] = batch_var[c] * double(count) / double(count - 1);
+  update_running(running_mean, batch_mean, momentum);
+  update_running(running_var, unbiased, momentum);
+}
+
+}  // namespace
+
 void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running_mean,
                 const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, bool training,
                 double momentum, double eps, std::optional<Layout> layout, const TensorRef& mean,
@@ -196,24 +233,30 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
     require_running(running_mean, "running_mean", "when training is false");
     apply_running(x, y, g, running_mean, running_var, weight, bias, eps, mean_c, rstd_c, store);
   } else {
-    const std::int64_t count = g.n * g.s;
     check_batch_statistics(x, g);
     if (finish_if_empty(x, mean, rstd)) return;
-    const Moments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
+    const plan::GroupMoments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
     mean_c = m.mean;
-    rstd_c = rstd_of(m.var, eps);
-    std::vector<double> scale(g.c), shift(g.c);
-    for (std::int64_t c = 0; c < g.c; ++c) {
-      scale[c] = param_or(weight, c, 1.0) * rstd_c[c];
-      shift[c] = param_or(bias, c, 0.0);
-    }
-    plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &m.mean, 0, {}, nullptr, &store);
-    std::vector<double> unbiased(g.c);
-    for (std::int64_t c = 0; c < g.c; ++c) unbiased[c] = m.var[c] * double(count) / double(count - 1);
-    update_running(running_mean, m.mean, momentum);
-    update_running(running_var, unbiased, momentum);
+    normalize_with_batch_stats(x, y, g, m.mean, m.var, m.count, running_mean, running_var, weight, bias, momentum,
+                               eps, store, rstd_c);
   }
   plan::write_stats_output(mean, "mean", mean_c, x.dtype);
+  plan::write_stats_output(rstd, "rstd", rstd_c, x.dtype);
+}
+
+void batch_norm_with_stats(const TensorRef& x, const TensorRef& y, const Moments& stats,
+                           const TensorRef& running_mean, const TensorRef& running_var, const TensorRef& weight,
+                           const TensorRef& bias, double momentum, double eps, std::optional<Layout> layout,
+                           const TensorRef& mean, const TensorRef& rstd, const Epilogue& epilogue) {
+  const ChannelGeometry g = check_running_norm(x, y, running_mean, running_var, weight, bias, momentum, eps,
+                                               layout, mean, rstd, /*stats_per_sample=*/false,
+                                               plan::output_dtype(epilogue, x.dtype));
+  check_given_batch_stats(stats, g.c);
+  const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
+  std::vector<double> rstd_c;
+  normalize_with_batch_stats(x, y, g, stats.mean, stats.var(0), stats.count, running_mean, running_var, weight,
+                             bias, momentum, eps, store, rstd_c);
+  plan::write_stats_output(mean, "mean", stats.mean, x.dtype);
   plan::write_stats_output(rstd, "rstd", rstd_c, x.dtype);
 }
 
@@ -238,7 +281,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
   } else {
     check_instance_statistics(x, g);
     if (finish_if_empty(x, mean, rstd)) return;
-    Moments m;
+    plan::GroupMoments m;
     if (!g.channels_last) {
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
                              param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
@@ -273,7 +316,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
   const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
   if (finish_if_empty(x, mean, rstd)) return;
 
-  Moments m;
+  plan::GroupMoments m;
   if (!g.channels_last) {
     plan::fused_group_rows(x, y, g, num_groups, weight.given ? weight.data : nullptr,
                            bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m,
@@ -312,7 +355,7 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
       w = wf.data();
       b = bf.data();
     }
-    Moments m;
+    plan::GroupMoments m;
     plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m, &store);
     return;
   }
@@ -329,7 +372,7 @@ void adaptive_instance_norm(const TensorRef& x, const TensorRef& y, const Tensor
   const auto [g, gs] = check_adain_style_map(x, y, style, eps, layout);
   const kernels::StoreStage store = plan::plan_store(epilogue, x, y, 0, /*dynamic_allowed=*/false);
   if (x.numel() == 0) return;
-  const Moments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
+  const plan::GroupMoments ms = plan::channel_moments(style, gs, g.c, /*per_sample=*/true);
   std::vector<double> style_std(ms.var.size());
   for (std::size_t i = 0; i < style_std.size(); ++i) style_std[i] = std::sqrt(ms.var[i] + eps);
   adain_apply(x, y, g, ms.mean, style_std, eps, store);

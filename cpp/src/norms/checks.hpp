@@ -8,6 +8,7 @@
 
 #include "kernels/kernel_api.hpp"
 #include "normkit/layout.hpp"
+#include "normkit/moments.hpp"
 #include "normkit/tensor.hpp"
 #include "plan/channel_plan.hpp"
 
@@ -32,6 +33,8 @@ ChannelGeometry check_running_norm(const TensorRef& x, const TensorRef& y, const
                                    std::optional<DType> y_dtype = std::nullopt);
 // BatchNorm training needs more than 1 value per channel.
 void check_batch_statistics(const TensorRef& x, const ChannelGeometry& g);
+// BatchNorm training with given moments: shape (C), count > 1.
+void check_given_batch_stats(const Moments& stats, std::int64_t channels);
 // InstanceNorm with input statistics needs more than 1 spatial element.
 void check_instance_statistics(const TensorRef& x, const ChannelGeometry& g);
 ChannelGeometry check_group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,

@@ -6,6 +6,7 @@
 
 #include "core/check.hpp"
 #include "kernels/kernel_api.hpp"
+#include "plan/merge.hpp"
 #include "plan/rows_plan.hpp"
 #include "plan/store_plan.hpp"
 #include "runtime/dispatch.hpp"
@@ -14,33 +15,6 @@
 namespace normkit::plan {
 
 namespace {
-
-// Merges (count, mean, M2) summaries visited in a fixed order, in double:
-// the total mean first, then M2 = sum of M2_i + count_i * (mean_i - mean)^2
-// (the parallel-variance identity behind Chan's formula, without a division
-// per summary: this runs over thousands of block partials per call).
-// Means are summed relative to the first summary's, so equal means (a
-// constant channel) merge exactly and a large common mean loses nothing to
-// the products count_i * mean_i.
-// `each(visit)` calls visit(count, mean, m2) for every summary.
-template <class Each>
-void merge_summaries(Each&& each, double& mean, double& var) {
-  double count = 0, sum = 0, reference = 0;
-  bool first = true;
-  each([&](double n, double m, double) {
-    if (first) reference = m;
-    first = false;
-    count += n;
-    sum += n * (m - reference);
-  });
-  mean = reference + sum / count;
-  double m2 = 0;
-  each([&](double n, double m, double q) {
-    const double d = m - mean;
-    m2 += q + n * d * d;
-  });
-  var = m2 / count;
-}
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
@@ -174,7 +148,7 @@ void write_stats_output(const TensorRef& t, const char* name, const std::vector<
 
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
-                      double eps, Moments& moments, const kernels::StoreStage* store) {
+                      double eps, GroupMoments& moments, const kernels::StoreStage* store) {
   const std::int64_t rows = g.n * groups;
   const std::int64_t cols = (g.c / groups) * g.s;
   moments.count = cols;
@@ -205,8 +179,8 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   dispatch_rows(p, param_period * p.segments);
 }
 
-Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {
-  Moments out;
+GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {
+  GroupMoments out;
   const std::int64_t tables = per_sample ? g.n * groups : g.c;
   out.mean.assign(tables, 0);
   out.var.assign(tables, 0);
@@ -239,12 +213,12 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
       out.var = row_var;
     } else {
       for (std::int64_t c = 0; c < g.c; ++c) {
-        merge_summaries(
-            [&](auto&& visit) {
-              for (std::int64_t n = 0; n < g.n; ++n)
-                visit(double(cols), row_mean[n * g.c + c], row_var[n * g.c + c] * double(cols));
-            },
-            out.mean[c], out.var[c]);
+        const Summary m = merge_summaries([&](auto&& visit) {
+          for (std::int64_t n = 0; n < g.n; ++n)
+            visit(double(cols), row_mean[n * g.c + c], row_var[n * g.c + c] * double(cols));
+        });
+        out.mean[c] = m.mean;
+        out.var[c] = m.m2 / m.count;
       }
     }
     return out;
@@ -269,16 +243,16 @@ Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64
   const std::int64_t out_groups = per_sample ? groups : g.c;
   for (std::int64_t b = 0; b < p.batches; ++b) {
     for (std::int64_t grp = 0; grp < out_groups; ++grp) {
-      merge_summaries(
-          [&](auto&& visit) {
-            for (std::int64_t k = 0; k < blocks; ++k) {
-              const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
-              const std::int64_t base = (b * blocks + k) * g.c;
-              for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
-                visit(count, partial_mean[base + c], partial_m2[base + c]);
-            }
-          },
-          out.mean[b * out_groups + grp], out.var[b * out_groups + grp]);
+      const Summary m = merge_summaries([&](auto&& visit) {
+        for (std::int64_t k = 0; k < blocks; ++k) {
+          const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
+          const std::int64_t base = (b * blocks + k) * g.c;
+          for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
+            visit(count, partial_mean[base + c], partial_m2[base + c]);
+        }
+      });
+      out.mean[b * out_groups + grp] = m.mean;
+      out.var[b * out_groups + grp] = m.m2 / m.count;
     }
   }
   return out;
@@ -366,9 +340,9 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   }
 }
 
-Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                              double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
-  Moments all;
+  GroupMoments all;
   all.mean.resize(g.n * groups);
   all.var.resize(g.n * groups);
   all.count = (g.c / groups) * g.s;
@@ -379,7 +353,7 @@ Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const Chann
     const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
     ChannelGeometry gs = g;
     gs.n = count;
-    const Moments m = channel_moments(xs, gs, groups, /*per_sample=*/true);
+    const GroupMoments m = channel_moments(xs, gs, groups, /*per_sample=*/true);
     std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
     for (std::int64_t i = 0; i < count; ++i)
       for (std::int64_t c = 0; c < g.c; ++c) {

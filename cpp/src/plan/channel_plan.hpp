@@ -45,14 +45,14 @@ void check_output_like(const TensorRef& x, const TensorRef& y, const char* y_nam
                        std::optional<DType> y_dtype = std::nullopt);
 
 // Per-group moments in double: mean and biased variance.
-struct Moments {
+struct GroupMoments {
   std::vector<double> mean, var;
   std::int64_t count = 0;  // elements per group
 };
 
 // Moments per (sample, group) when per_sample (N*groups groups, groups must
 // divide C), else per channel over the whole batch (C groups; `groups` ignored).
-Moments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample);
+GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample);
 
 // y = ((x - center) * scale + shift) per (sample, channel) when per_sample
 // (tables of N*C), else per channel (tables of C). center may be null (then the
@@ -83,7 +83,7 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
 // mean/var (double) into `moments` (N*groups entries).
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
-                      double eps, Moments& moments, const kernels::StoreStage* store = nullptr);
+                      double eps, GroupMoments& moments, const kernels::StoreStage* store = nullptr);
 
 // Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
 // per (sample, group) (N*groups) from the columns kernels, then
@@ -92,7 +92,7 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
 // (samples_per_step), so the output pass re-reads it from cache instead of
 // from memory. Returns the moments of all N*groups groups.
 using ChannelAffine = std::function<std::pair<double, double>(std::int64_t n, std::int64_t c, double rstd)>;
-Moments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                              double eps, const kernels::StoreStage& store, const ChannelAffine& affine);
 
 // Samples [first, first + count) of a tensor contiguous in a channel layout

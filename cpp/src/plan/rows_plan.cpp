@@ -52,6 +52,50 @@ bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out) {
   return true;
 }
 
+void check_normalized_shape(const TensorRef& x, const Dims& normalized_shape) {
+  const int k = normalized_shape.size();
+  const int rank = x.shape.size();
+  if (k == 0) core::fail_value("normalized_shape: must name at least one dimension");
+  for (std::int64_t d : normalized_shape)
+    if (d < 0) core::fail_value("normalized_shape: negative extent in " + normalized_shape.to_string());
+  bool trailing_match = k <= rank;
+  for (int i = 0; trailing_match && i < k; ++i) trailing_match = x.shape[rank - k + i] == normalized_shape[i];
+  if (!trailing_match)
+    core::fail_value("normalized_shape: " + normalized_shape.to_string() +
+                     " does not match the trailing dims of x, whose shape is " + x.shape.to_string());
+}
+
+RowsView input_rows(const TensorRef& x, int normalized_ndim) {
+  RowsView v;
+  if (!as_rows(x, normalized_ndim, v))
+    core::fail_value("x: the normalized dims must be contiguous and the leading dims must collapse to one "
+                     "stride; pass a contiguous copy");
+  return v;
+}
+
+void rows_moments(const TensorRef& x, const Dims& normalized_shape, std::vector<double>& mean,
+                  std::vector<double>& var) {
+  core::check_given(x, "x");
+  core::check_float(x, "x");
+  check_normalized_shape(x, normalized_shape);
+  const RowsView xv = input_rows(x, normalized_shape.size());
+  mean.assign(xv.rows, 0.0);
+  var.assign(xv.rows, 0.0);
+  if (xv.rows == 0 || xv.cols == 0) return;
+  kernels::RowsForward p;
+  p.norm = kernels::RowsNorm::layer;
+  p.dtype = x.dtype;
+  p.rows = xv.rows;
+  p.cols = xv.cols;
+  p.x = x.data;
+  p.x_row_stride = xv.row_stride;
+  p.y = nullptr;  // statistics only
+  p.mean_f64 = mean.data();
+  p.var_f64 = var.data();
+  p.threads = runtime::threads_for(xv.rows * xv.cols * element_size(x.dtype));
+  runtime::active_kernels().rows_forward(p);
+}
+
 namespace {
 // An output seen as rows: the same stride rules as x, and rows that do not
 // share memory (a broadcast view: row stride 0, or any stride below the row
@@ -93,15 +137,7 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
   core::check_given(y, y_name);
   const std::string yn = y_name;
   const int k = normalized_shape.size();
-  const int rank = x.shape.size();
-  if (k == 0) core::fail_value("normalized_shape: must name at least one dimension");
-  for (std::int64_t d : normalized_shape)
-    if (d < 0) core::fail_value("normalized_shape: negative extent in " + normalized_shape.to_string());
-  bool trailing_match = k <= rank;
-  for (int i = 0; trailing_match && i < k; ++i) trailing_match = x.shape[rank - k + i] == normalized_shape[i];
-  if (!trailing_match)
-    core::fail_value("normalized_shape: " + normalized_shape.to_string() +
-                     " does not match the trailing dims of x, whose shape is " + x.shape.to_string());
+  check_normalized_shape(x, normalized_shape);
   if (y.shape != x.shape)
     core::fail_value(yn + ": expected the shape of x " + x.shape.to_string() + ", got " + y.shape.to_string());
   const DType y_dtype = output_dtype(epilogue, x.dtype);
@@ -110,11 +146,7 @@ kernels::RowsForward plan_rows_forward(kernels::RowsNorm norm, const TensorRef& 
                     (y_dtype == x.dtype ? " like x" : " for the quantized output") + ", got " + to_string(y.dtype));
   const double eps = eps_arg.has_value() ? *eps_arg : machine_epsilon(x.dtype);
   core::check_eps(eps);
-  RowsView xv, yv;
-  if (!as_rows(x, k, xv))
-    core::fail_value("x: the normalized dims must be contiguous and the leading dims must collapse to one "
-                     "stride; pass a contiguous copy");
-  yv = output_rows(y, k, yn);
+  const RowsView xv = input_rows(x, k), yv = output_rows(y, k, yn);
   if (y.dtype == x.dtype && !rows_disjoint(x, xv, y, yv)) core::check_no_partial_overlap(x, y, y_name);
 
   const bool half_precision = x.dtype == DType::float16 || x.dtype == DType::bfloat16;

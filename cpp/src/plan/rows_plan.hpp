@@ -6,6 +6,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include "kernels/kernel_api.hpp"
 #include "normkit/fused.hpp"
@@ -24,6 +25,16 @@ struct RowsView {
 // Whether `t`'s trailing `normalized_ndim` dims are contiguous and its leading
 // dims collapse to a single row stride; if so, fills `out`.
 bool as_rows(const TensorRef& t, int normalized_ndim, RowsView& out);
+
+// normalized_shape: non-empty, no negative extent, x's trailing dims.
+void check_normalized_shape(const TensorRef& x, const Dims& normalized_shape);
+// x as rows (as_rows), or a ValueError naming x.
+RowsView input_rows(const TensorRef& x, int normalized_ndim);
+
+// LayerNorm's statistics only: per row of x over normalized_shape, the mean
+// and biased variance in double (x validated as layer_norm's; y not written).
+void rows_moments(const TensorRef& x, const Dims& normalized_shape, std::vector<double>& mean,
+                  std::vector<double>& var);
 
 // Validates a LayerNorm / RMSNorm call and builds its problem (threads and
 // store kind included). `bias` and `mean` must not be given for rms; an rms
