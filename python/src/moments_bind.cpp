@@ -86,9 +86,13 @@ void bind_moments(nb::module_& m) {
       [](std::vector<int64_t> shape, std::vector<int64_t> counts, std::vector<F64Array> means,
          std::vector<F64Array> m2s) {
         std::vector<normkit::Moments> parts;
+        std::vector<const normkit::Moments*> refs;
         parts.reserve(counts.size());
-        for (size_t i = 0; i < counts.size(); ++i) parts.push_back(from_parts(shape, counts[i], means[i], m2s[i]));
-        return to_tuple(normkit::merge_moments(parts));
+        for (size_t i = 0; i < counts.size(); ++i) {
+          parts.push_back(from_parts(shape, counts[i], means[i], m2s[i]));
+          refs.push_back(&parts.back());
+        }
+        return to_tuple(normkit::merge_moments(refs));
       },
       "shape"_a, "counts"_a, "means"_a, "m2s"_a, "Merges parts (same shape) in order: (shape, count, mean, m2).");
 

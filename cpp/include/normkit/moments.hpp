@@ -11,7 +11,7 @@
 //   // Engine with the batch sharded over workers (any transport between them):
 //   normkit::Moments local = normkit::batch_norm_moments(x_shard, normkit::Layout::NHWC);
 //   ... exchange local.count / local.mean / local.m2 with the other shards ...
-//   normkit::Moments global = normkit::merge_moments(parts);   // the same order on every shard
+//   normkit::Moments global = normkit::merge_moments(parts);   // pointers, the same order on every shard
 //   normkit::batch_norm_with_stats(x_shard, y_shard, global, running_mean, running_var, weight, bias,
 //                                  0.1, 1e-5, normkit::Layout::NHWC);
 //
@@ -71,7 +71,7 @@ Moments layer_norm_moments(const TensorRef& x, const Dims& normalized_shape);
 // float64 rounding; empty parts are skipped, so merging with one is exact.
 // Shapes that differ are a ValueError naming the part.
 Moments merge_moments(const std::vector<const Moments*>& parts);
-Moments merge_moments(const std::vector<Moments>& parts);
+Moments merge_moments(const Moments& first, const Moments& second);
 
 // BatchNorm in training with given statistics `stats` (shape (C), count >= 2:
 // typically the moments of the global batch, merged over shards): normalizes x

@@ -102,14 +102,9 @@ Moments merge_moments(const std::vector<const Moments*>& parts) {
   return out;
 }
 
-Moments merge_moments(const std::vector<Moments>& parts) {
-  std::vector<const Moments*> refs;
-  refs.reserve(parts.size());
-  for (const Moments& m : parts) refs.push_back(&m);
-  return merge_moments(refs);
-}
+Moments merge_moments(const Moments& first, const Moments& second) { return merge_moments({&first, &second}); }
 
-Moments& Moments::merge(const Moments& other) { return *this = merge_moments({this, &other}); }
+Moments& Moments::merge(const Moments& other) { return *this = merge_moments(*this, other); }
 
 std::vector<double> Moments::var(int correction) const {
   if (correction < 0) core::fail_value("correction: must be >= 0, got " + std::to_string(correction));
