@@ -107,6 +107,12 @@ ROWS = [
     ("fused", "sum_out overlapping x in part", lambda: (lambda b: normkit.add_rms_norm(b[:6], R, 8, sum_out=b[1:7]))(np.ones((7, 8), np.float32)), ValueError, "sum_out: overlaps x"),
     ("fused", "out and sum_out the same array", lambda: (lambda o: normkit.add_layer_norm(R, R, 8, out=o, sum_out=o))(np.empty_like(R)), ValueError, "sum_out: shares memory with out"),
     ("fused", "residual_bias of the wrong shape", lambda: normkit.add_layer_norm(R, R, 8, residual_bias=np.ones(7, np.float32)), ValueError, "residual_bias: expected shape (8,)"),
+    ("moments", "moments of an unknown norm", lambda: normkit.moments(X, norm="rms"), ValueError, "norm: expected one of"),
+    ("moments", "group moments without num_groups", lambda: normkit.moments(X, norm="group"), ValueError, "num_groups: required for norm='group'"),
+    ("moments", "merging moments of different shapes", lambda: normkit.merge_moments(normkit.moments(X), normkit.moments(X, layout="NHWC")), ValueError, "parts[1]: expected moments of shape (4,)"),
+    ("moments", "batch_norm stats of another norm", lambda: normkit.batch_norm(X, None, None, training=True, stats=normkit.moments(X, norm="instance")), ValueError, "stats: expected moments of shape (4,)"),
+    ("moments", "batch_norm stats in eval", lambda: normkit.batch_norm(X, C4 * 0, C4, stats=normkit.moments(X)), ValueError, "stats: only used with training=True"),
+    ("moments", "global sums without count", lambda: normkit.batch_norm_backward(X, X, C4, C4, sum_dy=C4, sum_dy_xmu=C4), ValueError, "count: required with sum_dy"),
     # strides: valid, handled (these calls return (result, result on a contiguous copy))
     ("strides", "x with negative strides (x[::-1])",
      lambda: (normkit.layer_norm(R[::-1], 8), normkit.layer_norm(R[::-1].copy(), 8)), None,
