@@ -1,7 +1,8 @@
 """The peers normkit is timed against, for normkit's Python benchmarks: PyTorch tensors sharing NumPy
-arrays' memory (``to_torch``, ``from_torch``) and ONNX Runtime one-node models, sessions and
-implementations (``ort_*``). Whether a peer is installed is settled by _libs.load_libraries (None
-there, and the reason in _libs.SKIPPED_LIBS); the libraries come from _libs at call time."""
+arrays' memory (``to_torch``, ``from_torch``; ``to_torch_nchw``, ``from_torch_nchw`` for channels-last
+arrays) and ONNX Runtime one-node models, sessions and implementations (``ort_*``). Whether a peer
+is installed is settled by _libs.load_libraries (None there, and the reason in _libs.SKIPPED_LIBS);
+the libraries come from _libs at call time."""
 
 from __future__ import annotations
 
@@ -28,6 +29,26 @@ def from_torch(t):
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BF16)
     return t.numpy()
+
+
+def to_torch_nchw(a, channels_last):
+    """to_torch; for a channels-last array (N, H, W, C), the channels_last-strided NCHW view of it,
+    so that PyTorch's channels-last kernels run."""
+    t = to_torch(a)
+    if channels_last:
+        t = t.permute(0, 3, 1, 2)  # a channels_last-strided NCHW view of the NHWC array
+        assert t.is_contiguous(memory_format=_libs.torch.channels_last)
+    return t
+
+
+def from_torch_nchw(t, channels_last, notes, what="output"):
+    """Inverse of to_torch_nchw for a result t: with channels_last, back to (N, H, W, C) (a note in
+    notes if PyTorch did not return ``what`` channels_last), then from_torch."""
+    if channels_last:
+        if not t.is_contiguous(memory_format=_libs.torch.channels_last):
+            notes.append(f"torch: {what} is not channels_last for a channels_last input")
+        t = t.permute(0, 2, 3, 1)
+    return from_torch(t)
 
 
 def ort_elem_type(dtype):

@@ -7,8 +7,8 @@ The bench modules, each one job, each importing only those above it in this list
 - _cli.py: the command line (``parse_args``);
 - _machine.py: facts about the machine (CPU, load, OpenMP runtime, glibc's non-temporal threshold);
 - _libs.py: the libraries under test: environment, import, threads, dtypes;
-- _timing.py: round-robin timing (``Entry``, ``run_round_robin``);
-- _data.py: a case's data: placed buffers;
+- _timing.py: round-robin timing (``Entry``, ``run_round_robin``, ``interleaved_medians``);
+- _data.py: a case's data: placed buffers, random inputs, layouts, sampled rows;
 - _check.py: validation (``Impl``, ``validate_impls``, ``tolerance``);
 - _limits.py: the memory-bandwidth limit (``BandwidthLimit``, the streaming-copy helper process);
 - _peers.py: PyTorch and ONNX Runtime plumbing;

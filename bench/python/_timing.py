@@ -1,7 +1,12 @@
-"""Timing for normkit's Python benchmarks: ``Entry`` / ``run_round_robin`` interleave several
-implementations round-robin, one sample of each per repetition (rotating the start so nobody always
-runs right after the same neighbour), optionally sleeping between two samples so that threads left
-spinning by one library have gone to sleep before the next one is timed.
+"""Timing for normkit's Python benchmarks: interleave several implementations round-robin, one
+sample of each per repetition, rotating the start so nobody always runs right after the same
+neighbour (``rotated``), optionally sleeping between two samples so that threads left spinning by
+one library have gone to sleep before the next one is timed.
+
+- ``Entry`` / ``run_round_robin``: the harness's timing (calibrated batches, warm-up, priming, gap),
+  used by bench_rows.py, bench_channels.py, bench_backward.py and bench_fused.py through _run.py.
+- ``interleaved_medians``: the plain form (one sample function, no calibration) for the scripts that
+  time their own way (bench_cuda.py with CUDA events, bench_layer_overhead.py).
 """
 
 from __future__ import annotations
@@ -13,6 +18,23 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import _libs
+
+
+def rotated(items, r: int):
+    """items in the order of repetition r: starting at item r % len(items), wrapping around."""
+    start = r % len(items)
+    return items[start:] + items[:start]
+
+
+def interleaved_medians(fns, reps: int, sample) -> list:
+    """reps rounds of sample(fn) for every fn of fns, each round in the order rotated(fns, round);
+    the median of each fn's samples, in the order of fns."""
+    samples = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for r in range(reps):
+        for i in rotated(order, r):
+            samples[i].append(sample(fns[i]))
+    return [statistics.median(s) for s in samples]
 
 
 @dataclass
@@ -73,10 +95,8 @@ def run_round_robin(entries, reps: int, warmup: int, sample_s: float, gap_s: flo
             e.k = 1
         e.samples = []
         pause()
-    n = len(entries)
     for r in range(reps):
-        start = r % n
-        for e in entries[start:] + entries[:start]:
+        for e in rotated(entries, r):
             if prime:
                 e.sample(1)
             e.samples.append(e.sample(e.k))

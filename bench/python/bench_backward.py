@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
 import _libs  # noqa: E402
 import _data  # noqa: E402
+from _data import as_ncs, channels_last, from_ncs  # noqa: E402
 import _check  # noqa: E402
 from _check import Impl  # noqa: E402
 import _peers  # noqa: E402
@@ -127,24 +128,6 @@ np, normkit, torch, F = _libs.np, _libs.normkit, _libs.torch, _libs.F
 # data and float64 reference
 
 
-def channels_last(layout):
-    return layout == "NHWC"
-
-
-def as_ncs(a, layout):
-    """View of a batch (physical layout) as (N, C, S); channels-last gives a transposed view."""
-    if channels_last(layout):
-        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(0, 2, 1)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def from_ncs(a_ncs, layout, shape):
-    """Inverse of as_ncs: an (N, C, S) array back to the physical shape (a copy for channels-last)."""
-    if channels_last(layout):
-        return np.ascontiguousarray(a_ncs.transpose(0, 2, 1)).reshape(shape)
-    return a_ncs.reshape(shape)
-
-
 def norm_backward64(x, dy, w, axes, centered, eps):
     """float64 gradients of y = (x - mean) * rstd * w (+ b) over ``axes`` (mean 0 if not centered),
     w broadcast against x: returns dx and the un-summed terms dy * xhat (for dweight) of this block."""
@@ -174,9 +157,7 @@ class Case:
             kind = "LayerNorm" if self.op == "layer_norm" else "RMSNorm"
             self.label = f"{kind} bwd {dims} {self.dtype_name}"
             nparam = self.n
-            x32 = rng.standard_normal(self.phys, dtype=np.float32)
-            x32 *= 2.0
-            x32 += 0.5
+            x32 = _data.random_rows(rng, self.phys)
         else:
             n, c = self.shape[:2]
             spatial = self.shape[2:]
@@ -188,17 +169,10 @@ class Case:
                 self.label = f"GroupNorm G={GROUPS} bwd {dims} {self.layout} {self.dtype_name}"
             nparam = c
             # per-channel scale and shift, so that the channel statistics differ
-            scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
-            shift = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-            bshape = (1, 1, 1, c) if channels_last(self.layout) else (1, c, 1, 1)
-            x32 = rng.standard_normal(self.phys, dtype=np.float32)
-            x32 *= scale.reshape(bshape)
-            x32 += shift.reshape(bshape)
-        self.x = _data.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+            x32 = _data.random_channels(rng, self.phys, channels_last(self.layout))[0]
+        self.x = _data.placed_array(x32, self.dtype)
         rng.standard_normal(self.phys, dtype=np.float32, out=x32)
-        self.dy = _data.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.dy[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+        self.dy = _data.placed_array(x32, self.dtype)
         del x32
         # float32 weight and bias for every dtype (mixed types for 16-bit x, as PyTorch allows)
         self.w = rng.uniform(0.5, 1.5, nparam).astype(np.float32)
@@ -268,27 +242,16 @@ def normkit_impls(c):
     return [Impl("normkit", f, f, "normkit")]
 
 
-def torch_tensor(c, a):
-    """a (physical layout) as PyTorch sees it: NHWC as a channels_last NCHW view."""
-    t = _peers.to_torch(a)
-    if not c.rows and channels_last(c.layout):
-        t = t.permute(0, 3, 1, 2)
-        assert t.is_contiguous(memory_format=torch.channels_last)
-    return t
-
-
 def torch_output(c, grads, notes):
     """PyTorch's gradients as NumPy arrays, dx in x's physical layout."""
-    dx = grads[0]
-    if not c.rows and channels_last(c.layout):
-        if not dx.is_contiguous(memory_format=torch.channels_last):
-            notes.append("torch: dx is not channels_last for a channels_last input")
-        dx = dx.permute(0, 2, 3, 1)
-    return (_peers.from_torch(dx),) + tuple(None if g is None else _peers.from_torch(g) for g in grads[1:])
+    return ((_peers.from_torch_nchw(grads[0], channels_last(c.layout), notes, "dx"),)
+            + tuple(None if g is None else _peers.from_torch(g) for g in grads[1:]))
 
 
 def torch_impls(c, notes):
-    tx, tdy = torch_tensor(c, c.x), torch_tensor(c, c.dy)
+    # x and dy as PyTorch sees them: NHWC as a channels_last NCHW view
+    cl = channels_last(c.layout)
+    tx, tdy = _peers.to_torch_nchw(c.x, cl), _peers.to_torch_nchw(c.dy, cl)
     tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     eps = c.eps
     aten = torch.ops.aten
@@ -338,8 +301,8 @@ def torch_impls(c, notes):
 def sample_index(c):
     """Rows (LayerNorm/RMSNorm) or samples of the batch the float64 reference gives dx for."""
     if c.rows:
-        return np.unique(np.random.default_rng(1).integers(0, c.m, size=min(c.m, 256)))
-    return np.unique(np.array([0, c.n // 2, c.n - 1]))
+        return _data.sampled_rows(c.m)
+    return _data.sampled_batch(c.n)
 
 
 def run_case(c, limit, log, results, notes):

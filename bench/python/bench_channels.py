@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
 import _libs  # noqa: E402
 import _data  # noqa: E402
+from _data import as_ncs, channels_last, from_ncs  # noqa: E402
 import _check  # noqa: E402
 from _check import Impl  # noqa: E402
 import _peers  # noqa: E402
@@ -119,24 +120,6 @@ ORT_NHWC_NOTE = ("onnxruntime: not timed in NHWC: its CPU execution provider has
 # reference data and float64 reference
 
 
-def channels_last(layout):
-    return layout in ("NHWC", "NLC", "NDHWC")
-
-
-def as_ncs(a, layout):
-    """View of a batch (physical layout) as (N, C, S); channels-last gives a transposed view."""
-    if channels_last(layout):
-        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(0, 2, 1)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def from_ncs(a_ncs, layout, shape):
-    """Inverse of as_ncs: an (N, C, S) array back to the physical shape (a copy for channels-last)."""
-    if channels_last(layout):
-        return np.ascontiguousarray(a_ncs.transpose(0, 2, 1)).reshape(shape)
-    return a_ncs.reshape(shape)
-
-
 class Case:
     def __init__(self, name):
         self.name = name
@@ -157,15 +140,8 @@ class Case:
             self.label = f"InstanceNorm{len(spatial)}d {dims} {self.layout} {self.dtype_name}"
         rng = np.random.default_rng(0)
         # per-channel scale and shift, so that the channel statistics differ
-        self.scale_c = rng.uniform(0.5, 2.0, c).astype(np.float32)
-        self.shift_c = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-        bshape = (1,) * (len(self.phys) - 1) + (c,) if channels_last(self.layout) else \
-            (1, c) + (1,) * (len(self.phys) - 2)
-        x32 = rng.standard_normal(self.phys, dtype=np.float32)
-        x32 *= self.scale_c.reshape(bshape)
-        x32 += self.shift_c.reshape(bshape)
-        self.x = _data.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+        x32, self.scale_c, self.shift_c = _data.random_channels(rng, self.phys, channels_last(self.layout))
+        self.x = _data.placed_array(x32, self.dtype)
         del x32
         # float32 affine parameters and running statistics for every dtype (mixed types for 16-bit x)
         self.w = rng.uniform(0.5, 1.5, c).astype(np.float32)
@@ -272,10 +248,8 @@ def normkit_impls(c):
 
 
 def torch_impls(c, notes):
-    tx = _peers.to_torch(c.x)
-    if channels_last(c.layout):
-        tx = tx.permute(0, 3, 1, 2)  # a channels_last-strided NCHW view of the NHWC array
-        assert tx.is_contiguous(memory_format=torch.channels_last)
+    cl = channels_last(c.layout)
+    tx = _peers.to_torch_nchw(c.x, cl)
     tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     running = None
     if c.op == "batch_norm":
@@ -289,15 +263,7 @@ def torch_impls(c, notes):
         f = lambda: F.group_norm(tx, GROUPS, tw, tb, EPS)  # noqa: E731
     else:
         f = lambda: F.instance_norm(tx, weight=tw, bias=tb, eps=EPS)  # noqa: E731
-
-    def output():
-        t = f()
-        if channels_last(c.layout):
-            if not t.is_contiguous(memory_format=torch.channels_last):
-                notes.append("torch: output is not channels_last for a channels_last input")
-            t = t.permute(0, 2, 3, 1)
-        return _peers.from_torch(t)
-    return [Impl("torch", f, output, "torch", running)]
+    return [Impl("torch", f, lambda: _peers.from_torch_nchw(f(), cl, notes), "torch", running)]
 
 
 # ONNX Runtime ----------------------------------------------------------------------------------
@@ -370,8 +336,8 @@ def ort_impls(c, model_info, threads):
 def sample_index(c):
     """Samples of the batch the float64 reference is computed for."""
     if c.s == 1:  # BatchNorm1d: rows
-        return np.unique(np.random.default_rng(1).integers(0, c.n, size=min(c.n, 256)))
-    return np.unique(np.array([0, c.n // 2, c.n - 1]))
+        return _data.sampled_rows(c.n)
+    return _data.sampled_batch(c.n)
 
 
 def run_case(c, limit, log, results, notes):

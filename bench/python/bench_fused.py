@@ -231,12 +231,9 @@ class Case:
             self.c = c
             self.phys = (n, hh, ww, c) if self.layout == "NHWC" else self.shape
             self.label = f"GroupNorm+SiLU G={GROUPS} {dims} {self.layout} {self.dtype_name}"
-            scale_c = rng.uniform(0.5, 2.0, c).astype(np.float32)  # channel statistics differ
-            shift_c = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-            bshape = (1, 1, 1, c) if self.layout == "NHWC" else (1, c, 1, 1)
-            self.x = _data.placed_empty(self.phys, self.dtype, 0, fill=None)
-            self.x[...] = rng.standard_normal(self.phys, dtype=np.float32) * scale_c.reshape(bshape) \
-                + shift_c.reshape(bshape)
+            x32 = _data.random_channels(rng, self.phys, self.layout == "NHWC")[0]  # channel statistics differ
+            self.x = _data.placed_array(x32, self.dtype)
+            del x32
             self.w = rng.uniform(0.5, 1.5, c).astype(np.float32)
             self.b = (0.1 * rng.standard_normal(c)).astype(np.float32)
             self.y_out = _data.placed_empty(self.phys, self.dtype, ARGS.out_offset)
@@ -248,12 +245,7 @@ class Case:
         kind = {"add_rms_norm": "add_rms_norm", "add_layer_norm": "add_layer_norm",
                 "rms_norm_int8": "rms_norm int8 (dynamic per-row scales)"}[self.op]
         self.label = f"{kind} {dims} {self.dtype_name}"
-        self.x = _data.placed_empty(self.shape, self.dtype, 0, fill=None)
-        x32 = rng.standard_normal(self.shape, dtype=np.float32)
-        x32 *= 2.0
-        x32 += 0.5
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
-        del x32
+        self.x = _data.placed_array(_data.random_rows(rng, self.shape), self.dtype)
         self.w = rng.uniform(0.5, 1.5, n).astype(np.float32).astype(self.dtype)
         self.b = (0.1 * rng.standard_normal(n)).astype(np.float32).astype(self.dtype) \
             if self.op == "add_layer_norm" else None
@@ -262,8 +254,7 @@ class Case:
             self.bytes = self.x.nbytes + self.q_out.nbytes  # 4 bytes read + 1 written per element
             self.limit_nbytes = self.bytes // 2
             return
-        self.r = _data.placed_empty(self.shape, self.dtype, 0, fill=None)
-        self.r[...] = rng.standard_normal(self.shape, dtype=np.float32).astype(self.dtype)
+        self.r = _data.placed_array(rng.standard_normal(self.shape, dtype=np.float32), self.dtype)
         self.y_out = _data.placed_empty(self.shape, self.dtype, ARGS.out_offset)
         self.s_out = _data.placed_empty(self.shape, self.dtype, ARGS.out_offset)
         self.bytes = 4 * self.x.nbytes  # x and residual read, y and s written
@@ -271,10 +262,8 @@ class Case:
 
     def sample_index(self):
         if self.op == "group_norm_silu":
-            n = self.shape[0]
-            return np.unique(np.array([0, n // 2, n - 1]))
-        rows = self.shape[0]
-        return np.unique(np.random.default_rng(1).integers(0, rows, size=min(rows, 256)))
+            return _data.sampled_batch(self.shape[0])
+        return _data.sampled_rows(self.shape[0])
 
     def reference(self, idx):
         """The float64 reference validate_impls takes, and the tolerance (per output element)."""
@@ -395,20 +384,10 @@ def unfused_impls(c):
 def torch_impls(c, notes):
     tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     if c.op == "group_norm_silu":
-        tx = _peers.to_torch(c.x)
-        if c.layout == "NHWC":
-            tx = tx.permute(0, 3, 1, 2)  # a channels_last-strided NCHW view of the NHWC array
-            assert tx.is_contiguous(memory_format=torch.channels_last)
+        cl = c.layout == "NHWC"
+        tx = _peers.to_torch_nchw(c.x, cl)
         f = lambda: F.silu(F.group_norm(tx, GROUPS, tw, tb, GN_EPS), inplace=True)  # noqa: E731
-
-        def output():
-            t = f()
-            if c.layout == "NHWC":
-                if not t.is_contiguous(memory_format=torch.channels_last):
-                    notes.append("torch: group_norm output is not channels_last for a channels_last input")
-                t = t.permute(0, 2, 3, 1)
-            return _peers.from_torch(t)
-        return [Impl("torch", f, output, "torch")]
+        return [Impl("torch", f, lambda: _peers.from_torch_nchw(f(), cl, notes, "group_norm output"), "torch")]
     tx, n = _peers.to_torch(c.x), c.n
     if c.op == "rms_norm_int8":
         inf = float("inf")

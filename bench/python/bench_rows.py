@@ -114,12 +114,7 @@ class Case:
         kind = "LayerNorm" if self.op == "layer_norm" else "RMSNorm"
         self.label = f"{kind} [{', '.join(map(str, self.shape))}] {self.dtype_name}"
         rng = np.random.default_rng(0)
-        x32 = rng.standard_normal(self.shape, dtype=np.float32)
-        x32 *= 2.0
-        x32 += 0.5
-        self.x = _data.placed_empty(self.shape, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
-        del x32
+        self.x = _data.placed_array(_data.random_rows(rng, self.shape), self.dtype)
         self.w = rng.uniform(0.5, 1.5, self.n).astype(np.float32).astype(self.dtype)
         self.b = (0.1 * rng.standard_normal(self.n)).astype(np.float32).astype(self.dtype) \
             if self.op == "layer_norm" else None
@@ -238,8 +233,7 @@ def run_case(c, limit, log, results, notes):
     log(_report.case_title(c))
     # every implementation is checked against a float64 reference on sampled rows (and compared with
     # normkit on the whole array) before it is timed
-    rows = c.shape[0]
-    idx = np.unique(np.random.default_rng(1).integers(0, rows, size=min(rows, 256)))
+    idx = _data.sampled_rows(c.shape[0])
     ref_rows = c.reference_rows(idx)
 
     ort_info = None
