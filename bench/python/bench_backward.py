@@ -29,7 +29,7 @@ run once beforehand -- are fixed; every call returns fresh gradients (dx, dweigh
 - NHWC: PyTorch gets x and dy as channels_last NCHW tensors (``.permute(0, 3, 1, 2)`` of the NHWC
   arrays), so its channels-last kernels run; dx comes back channels_last.
 
-The timing machinery is the forward benchmarks' (bench_rows.py, bench_channels.py, _harness.py): per
+The timing machinery is the forward benchmarks' (bench_rows.py, bench_channels.py, _run.py): per
 case and thread count, every implementation is timed round-robin (one sample of each per repetition,
 rotating who goes first) together with the bandwidth limit's copies, and the figure is the median. See
 bench_rows.py for the thread-fairness (--spin, --gap-ms, --prime), allocator (--hugepages) and
@@ -59,7 +59,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as H  # noqa: E402  (standard library only: the environment is set below first)
+import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
+import _libs  # noqa: E402
+import _data  # noqa: E402
+from _data import as_ncs, channels_last, from_ncs  # noqa: E402
+import _check  # noqa: E402
+from _check import Impl  # noqa: E402
+import _peers  # noqa: E402
+import _report  # noqa: E402
+import _run  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -71,7 +79,7 @@ EPS = 1e-5  # LayerNorm, BatchNorm, GroupNorm
 RMS_EPS = 1e-6
 # dweight/dbias are float32 sums over M = 8192 (rows) to 100352 (BatchNorm) terms; their rounding error
 # grows with M (PyTorch's reached 3-5e-4 relative here, normkit's 4e-5), so they get a looser tolerance
-# than dx (H.tolerance: 1000 float32 epsilons, 8 epsilons of a 16-bit dtype).
+# than dx (_check.tolerance: 1000 float32 epsilons, 8 epsilons of a 16-bit dtype).
 PARAM_TOL = 2e-3
 # PyTorch CPU's 16-bit LayerNorm backward sums dweight/dbias with 16-bit roundings (float32 weight or not):
 # measured here, off by up to 1.7% (float16) / 13% (bfloat16) of the largest value, where normkit's (float32
@@ -108,34 +116,16 @@ PEERS_NOTE = ("torch aten = the ATen backward op alone (native_layer_norm_backwa
 
 LIBS = ("normkit", "torch")
 
-ARGS = H.parse_args(__doc__, CASES, LIBS, reps_default=15,
-                    out_offset_note=" (the backward's outputs are all fresh: this moves only the copy's "
-                                    "destination)")
-H.configure_environment(ARGS)
-H.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch
-np, normkit, torch, F = H.np, H.normkit, H.torch, H.F
+ARGS = _cli.parse_args(__doc__, CASES, LIBS, reps_default=15,
+                       out_offset_note=" (the backward's outputs are all fresh: this moves only the copy's "
+                                       "destination)")
+_libs.configure_environment(ARGS)
+_libs.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch
+np, normkit, torch, F = _libs.np, _libs.normkit, _libs.torch, _libs.F
 
 
 # ---------------------------------------------------------------------------------------------
 # data and float64 reference
-
-
-def channels_last(layout):
-    return layout == "NHWC"
-
-
-def as_ncs(a, layout):
-    """View of a batch (physical layout) as (N, C, S); channels-last gives a transposed view."""
-    if channels_last(layout):
-        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(0, 2, 1)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def from_ncs(a_ncs, layout, shape):
-    """Inverse of as_ncs: an (N, C, S) array back to the physical shape (a copy for channels-last)."""
-    if channels_last(layout):
-        return np.ascontiguousarray(a_ncs.transpose(0, 2, 1)).reshape(shape)
-    return a_ncs.reshape(shape)
 
 
 def norm_backward64(x, dy, w, axes, centered, eps):
@@ -156,7 +146,7 @@ class Case:
     def __init__(self, name):
         self.name = name
         self.op, self.shape, self.layout, self.dtype_name = CASES[name]
-        self.dtype = H.np_dtype(self.dtype_name)
+        self.dtype = _libs.np_dtype(self.dtype_name)
         self.rows = self.op in ("layer_norm", "rms_norm")
         self.eps = RMS_EPS if self.op == "rms_norm" else EPS
         dims = "[" + ",".join(map(str, self.shape)) + "]"
@@ -167,9 +157,7 @@ class Case:
             kind = "LayerNorm" if self.op == "layer_norm" else "RMSNorm"
             self.label = f"{kind} bwd {dims} {self.dtype_name}"
             nparam = self.n
-            x32 = rng.standard_normal(self.phys, dtype=np.float32)
-            x32 *= 2.0
-            x32 += 0.5
+            x32 = _data.random_rows(rng, self.phys)
         else:
             n, c = self.shape[:2]
             spatial = self.shape[2:]
@@ -181,17 +169,10 @@ class Case:
                 self.label = f"GroupNorm G={GROUPS} bwd {dims} {self.layout} {self.dtype_name}"
             nparam = c
             # per-channel scale and shift, so that the channel statistics differ
-            scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
-            shift = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-            bshape = (1, 1, 1, c) if channels_last(self.layout) else (1, c, 1, 1)
-            x32 = rng.standard_normal(self.phys, dtype=np.float32)
-            x32 *= scale.reshape(bshape)
-            x32 += shift.reshape(bshape)
-        self.x = H.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+            x32 = _data.random_channels(rng, self.phys, channels_last(self.layout))[0]
+        self.x = _data.placed_array(x32, self.dtype)
         rng.standard_normal(self.phys, dtype=np.float32, out=x32)
-        self.dy = H.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.dy[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+        self.dy = _data.placed_array(x32, self.dtype)
         del x32
         # float32 weight and bias for every dtype (mixed types for 16-bit x, as PyTorch allows)
         self.w = rng.uniform(0.5, 1.5, nparam).astype(np.float32)
@@ -200,7 +181,7 @@ class Case:
         self.limit_nbytes = self.bytes // 2  # a copy of 1.5 x's bytes moves as many
         self.is16 = self.dtype != np.float32
         # dx, dweight, dbias (None: reported, not checked)
-        self.tol = (H.tolerance(self.dtype),) + ((None, None) if self.is16 else (PARAM_TOL, PARAM_TOL))
+        self.tol = (_check.tolerance(self.dtype),) + ((None, None) if self.is16 else (PARAM_TOL, PARAM_TOL))
 
     # ---- float64 reference: (dx at idx, dweight, dbias)
 
@@ -242,9 +223,6 @@ class Case:
 # implementations
 
 
-Impl = H.Impl
-
-
 def normkit_impls(c):
     x, dy, w, b, eps = c.x, c.dy, c.w, c.b, c.eps
     if c.op == "layer_norm":
@@ -264,28 +242,17 @@ def normkit_impls(c):
     return [Impl("normkit", f, f, "normkit")]
 
 
-def torch_tensor(c, a):
-    """a (physical layout) as PyTorch sees it: NHWC as a channels_last NCHW view."""
-    t = H.to_torch(a)
-    if not c.rows and channels_last(c.layout):
-        t = t.permute(0, 3, 1, 2)
-        assert t.is_contiguous(memory_format=torch.channels_last)
-    return t
-
-
 def torch_output(c, grads, notes):
     """PyTorch's gradients as NumPy arrays, dx in x's physical layout."""
-    dx = grads[0]
-    if not c.rows and channels_last(c.layout):
-        if not dx.is_contiguous(memory_format=torch.channels_last):
-            notes.append("torch: dx is not channels_last for a channels_last input")
-        dx = dx.permute(0, 2, 3, 1)
-    return (H.from_torch(dx),) + tuple(None if g is None else H.from_torch(g) for g in grads[1:])
+    return ((_peers.from_torch_nchw(grads[0], channels_last(c.layout), notes, "dx"),)
+            + tuple(None if g is None else _peers.from_torch(g) for g in grads[1:]))
 
 
 def torch_impls(c, notes):
-    tx, tdy = torch_tensor(c, c.x), torch_tensor(c, c.dy)
-    tw, tb = H.to_torch(c.w), H.to_torch(c.b)
+    # x and dy as PyTorch sees them: NHWC as a channels_last NCHW view
+    cl = channels_last(c.layout)
+    tx, tdy = _peers.to_torch_nchw(c.x, cl), _peers.to_torch_nchw(c.dy, cl)
+    tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     eps = c.eps
     aten = torch.ops.aten
     mask = [True, True, True]
@@ -334,12 +301,12 @@ def torch_impls(c, notes):
 def sample_index(c):
     """Rows (LayerNorm/RMSNorm) or samples of the batch the float64 reference gives dx for."""
     if c.rows:
-        return np.unique(np.random.default_rng(1).integers(0, c.m, size=min(c.m, 256)))
-    return np.unique(np.array([0, c.n // 2, c.n - 1]))
+        return _data.sampled_rows(c.m)
+    return _data.sampled_batch(c.n)
 
 
 def run_case(c, limit, log, results, notes):
-    log(f"\n=== {c.label}   x {H.mib(c.x.nbytes):.2f} MiB, x+dy+dx {H.mib(c.bytes):.2f} MiB ===")
+    log(f"\n=== {c.label}   x {_report.mib(c.x.nbytes):.2f} MiB, x+dy+dx {_report.mib(c.bytes):.2f} MiB ===")
     idx = sample_index(c)
     ref = c.reference(idx)
 
@@ -358,7 +325,7 @@ def run_case(c, limit, log, results, notes):
         log(f"   note: {PARAM_NOTE_16}")
         if PARAM_NOTE_16 not in notes:
             notes.append(PARAM_NOTE_16)
-    H.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, check_what)
+    _run.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, check_what)
 
 
 def header_lines(limit_helper_ok):
@@ -372,7 +339,7 @@ def header_lines(limit_helper_ok):
                        "every x dtype (for 16-bit x PyTorch's mixed-type path); dx in x's dtype, dweight/dbias "
                        "float32; x and dy standard normal (x scaled and shifted), fixed across calls"),
     ]
-    return H.header_lines(
+    return _report.header_lines(
         ARGS, limit_helper_ok,
         "normkit.*_backward with the statistics of normkit's forward (return_stats=True), fresh outputs "
         "(no out=); torch aten: torch.ops.aten.native_layer_norm_backward / native_batch_norm_backward "
@@ -392,13 +359,13 @@ LEGEND = ("Every call returns fresh gradients (normkit's backward has no out=). 
 
 
 def target_rows(results):
-    return H.target_rows(results, ARGS, TARGETS, {})
+    return _report.target_rows(results, ARGS, TARGETS, {})
 
 
 def main():
-    H.main(ARGS, "normkit backward benchmark", "LayerNorm / RMSNorm / BatchNorm / GroupNorm backward",
-           4, header_lines, Case, run_case, target_rows, skip_failed_cases=True,
-           report_total_time=True, inference_mode=False, legend=LEGEND)
+    _run.main(ARGS, "normkit backward benchmark", "LayerNorm / RMSNorm / BatchNorm / GroupNorm backward",
+              4, header_lines, Case, run_case, target_rows, skip_failed_cases=True,
+              report_total_time=True, inference_mode=False, legend=LEGEND)
 
 
 if __name__ == "__main__":

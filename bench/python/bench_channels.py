@@ -10,7 +10,7 @@ Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training in NCHW and NH
 [16,64,128,128] NCHW, and float16/bfloat16 versions of the BatchNorm2d and GroupNorm cases. Shapes are
 written logically as [N, C, spatial...]; an NHWC case stores x as (N, H, W, C).
 
-The timing machinery is the rows benchmark's (bench_rows.py, _harness.py): per case and thread count,
+The timing machinery is the rows benchmark's (bench_rows.py, _run.py): per case and thread count,
 every implementation is timed round-robin (one sample of each per repetition, rotating who goes
 first), the figure is the median; the bandwidth limit is the fastest copy of an array of x's size
 (np.copyto / glibc memcpy on 1 and 2 threads, and with forced non-temporal stores in a helper process)
@@ -51,7 +51,15 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as H  # noqa: E402  (standard library only: the environment is set below first)
+import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
+import _libs  # noqa: E402
+import _data  # noqa: E402
+from _data import as_ncs, channels_last, from_ncs  # noqa: E402
+import _check  # noqa: E402
+from _check import Impl  # noqa: E402
+import _peers  # noqa: E402
+import _report  # noqa: E402
+import _run  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -98,11 +106,11 @@ FRACTION_TARGETS = {"bn_inf_nchw": 0.85, "bn_inf_nhwc": 0.85, "bn1d_inf": 0.85}
 LIBS = ("normkit", "torch", "onnxruntime")
 
 
-ARGS = H.parse_args(__doc__, CASES, LIBS, reps_default=11,
-                    reps_note=", which keeps the full run within about 4 minutes on a busy 2-core machine")
-H.configure_environment(ARGS)
-H.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
-np, normkit, torch, F, ort = H.np, H.normkit, H.torch, H.F, H.ort
+ARGS = _cli.parse_args(__doc__, CASES, LIBS, reps_default=11,
+                       reps_note=", which keeps the full run within about 4 minutes on a busy 2-core machine")
+_libs.configure_environment(ARGS)
+_libs.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
+np, normkit, torch, F, ort = _libs.np, _libs.normkit, _libs.torch, _libs.F, _libs.ort
 
 ORT_NHWC_NOTE = ("onnxruntime: not timed in NHWC: its CPU execution provider has no channels-last "
                  "BatchNormalization/GroupNormalization/InstanceNormalization (the ONNX ops are channels-first)")
@@ -112,29 +120,11 @@ ORT_NHWC_NOTE = ("onnxruntime: not timed in NHWC: its CPU execution provider has
 # reference data and float64 reference
 
 
-def channels_last(layout):
-    return layout in ("NHWC", "NLC", "NDHWC")
-
-
-def as_ncs(a, layout):
-    """View of a batch (physical layout) as (N, C, S); channels-last gives a transposed view."""
-    if channels_last(layout):
-        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(0, 2, 1)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def from_ncs(a_ncs, layout, shape):
-    """Inverse of as_ncs: an (N, C, S) array back to the physical shape (a copy for channels-last)."""
-    if channels_last(layout):
-        return np.ascontiguousarray(a_ncs.transpose(0, 2, 1)).reshape(shape)
-    return a_ncs.reshape(shape)
-
-
 class Case:
     def __init__(self, name):
         self.name = name
         self.op, self.shape, self.layout, self.training, self.dtype_name = CASES[name]
-        self.dtype = H.np_dtype(self.dtype_name)
+        self.dtype = _libs.np_dtype(self.dtype_name)
         self.is16 = self.dtype != np.float32
         n, c = self.shape[:2]
         spatial = self.shape[2:]
@@ -150,15 +140,8 @@ class Case:
             self.label = f"InstanceNorm{len(spatial)}d {dims} {self.layout} {self.dtype_name}"
         rng = np.random.default_rng(0)
         # per-channel scale and shift, so that the channel statistics differ
-        self.scale_c = rng.uniform(0.5, 2.0, c).astype(np.float32)
-        self.shift_c = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-        bshape = (1,) * (len(self.phys) - 1) + (c,) if channels_last(self.layout) else \
-            (1, c) + (1,) * (len(self.phys) - 2)
-        x32 = rng.standard_normal(self.phys, dtype=np.float32)
-        x32 *= self.scale_c.reshape(bshape)
-        x32 += self.shift_c.reshape(bshape)
-        self.x = H.placed_empty(self.phys, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
+        x32, self.scale_c, self.shift_c = _data.random_channels(rng, self.phys, channels_last(self.layout))
+        self.x = _data.placed_array(x32, self.dtype)
         del x32
         # float32 affine parameters and running statistics for every dtype (mixed types for 16-bit x)
         self.w = rng.uniform(0.5, 1.5, c).astype(np.float32)
@@ -222,11 +205,8 @@ RUNNING_TOL = 1e-4  # relative, running statistics after one training step (floa
 # implementations
 
 
-Impl = H.Impl
-
-
 def out_buffer(c):
-    return H.placed_empty(c.phys, c.dtype, ARGS.out_offset)
+    return _data.placed_empty(c.phys, c.dtype, ARGS.out_offset)
 
 
 def running_check(call, rm, rv, c):
@@ -268,11 +248,9 @@ def normkit_impls(c):
 
 
 def torch_impls(c, notes):
-    tx = H.to_torch(c.x)
-    if channels_last(c.layout):
-        tx = tx.permute(0, 3, 1, 2)  # a channels_last-strided NCHW view of the NHWC array
-        assert tx.is_contiguous(memory_format=torch.channels_last)
-    tw, tb = H.to_torch(c.w), H.to_torch(c.b)
+    cl = channels_last(c.layout)
+    tx = _peers.to_torch_nchw(c.x, cl)
+    tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     running = None
     if c.op == "batch_norm":
         rm, rv = c.rm0.copy(), c.rv0.copy()
@@ -285,15 +263,7 @@ def torch_impls(c, notes):
         f = lambda: F.group_norm(tx, GROUPS, tw, tb, EPS)  # noqa: E731
     else:
         f = lambda: F.instance_norm(tx, weight=tw, bias=tb, eps=EPS)  # noqa: E731
-
-    def output():
-        t = f()
-        if channels_last(c.layout):
-            if not t.is_contiguous(memory_format=torch.channels_last):
-                notes.append("torch: output is not channels_last for a channels_last input")
-            t = t.permute(0, 2, 3, 1)
-        return H.from_torch(t)
-    return [Impl("torch", f, output, "torch", running)]
+    return [Impl("torch", f, lambda: _peers.from_torch_nchw(f(), cl, notes), "torch", running)]
 
 
 # ONNX Runtime ----------------------------------------------------------------------------------
@@ -308,25 +278,25 @@ def ort_outputs(c):
 
 def ort_model(c):
     op, opset = ORT_OPS[c.op]
-    et = H.ort_elem_type(c.dtype)
+    et = _peers.ort_elem_type(c.dtype)
     if c.op == "batch_norm":
         # scale/B (T1) and mean/var (T2) may be float32 with 16-bit X (opset 15)
-        inits = [H.ort_initializer(n, a) for n, a in (("W", c.w), ("B", c.b), ("M", c.rm0), ("V", c.rv0))]
+        inits = [_peers.ort_initializer(n, a) for n, a in (("W", c.w), ("B", c.b), ("M", c.rm0), ("V", c.rv0))]
         attrs = {"epsilon": EPS}
         if c.training:
             attrs.update(training_mode=1, momentum=1.0 - MOMENTUM)
     else:
         # GroupNormalization-21 / InstanceNormalization: scale and bias in X's type
-        inits = [H.ort_initializer("W", c.w.astype(c.dtype)), H.ort_initializer("B", c.b.astype(c.dtype))]
+        inits = [_peers.ort_initializer("W", c.w.astype(c.dtype)), _peers.ort_initializer("B", c.b.astype(c.dtype))]
         attrs = {"epsilon": EPS}
         if c.op == "group_norm":
             attrs["num_groups"] = GROUPS
     outs = ort_outputs(c)
-    node = H.helper.make_node(op, ["X"] + [t.name for t in inits], outs, **attrs)
-    vi = [H.helper.make_tensor_value_info("Y", et, list(c.phys))]
-    vi += [H.helper.make_tensor_value_info(o, H.TensorProto.FLOAT, [c.c]) for o in outs[1:]]
-    x_info = [H.helper.make_tensor_value_info("X", et, list(c.phys))]
-    return op, opset, H.ort_model_bytes(node, x_info, vi, inits, opset)
+    node = _libs.helper.make_node(op, ["X"] + [t.name for t in inits], outs, **attrs)
+    vi = [_libs.helper.make_tensor_value_info("Y", et, list(c.phys))]
+    vi += [_libs.helper.make_tensor_value_info(o, _libs.TensorProto.FLOAT, [c.c]) for o in outs[1:]]
+    x_info = [_libs.helper.make_tensor_value_info("X", et, list(c.phys))]
+    return op, opset, _peers.ort_model_bytes(node, x_info, vi, inits, opset)
 
 
 def describe_graph(nodes):
@@ -343,10 +313,10 @@ def ort_prepare(c):
         return None, ORT_NHWC_NOTE
     try:
         op, opset, model = ort_model(c)
-        sess, nodes = H.ort_optimized_session(model)
+        sess, nodes = _peers.ort_optimized_session(model)
         sess.run(None, {"X": c.x})
     except Exception as exc:
-        return None, f"onnxruntime: skipped ({H.first_line(exc)[:200]})"
+        return None, f"onnxruntime: skipped ({_check.first_line(exc)[:200]})"
     how = "function expanded by ORT, no CPU kernel" if len(nodes) > 3 and op not in nodes else \
         ("float32 kernel between Casts" if "Cast" in nodes else "one kernel")
     return (op, opset, model), (f"onnxruntime: {op} (opset {opset}), graph after optimization: "
@@ -356,7 +326,7 @@ def ort_prepare(c):
 def ort_impls(c, model_info, threads):
     """model_info: (op, opset, model bytes); a fresh session with ``threads`` intra-op threads."""
     extra = [(name, np.empty(c.c, np.float32)) for name in ort_outputs(c)[1:]]
-    return H.ort_impls(model_info[2], threads, c.x, out_buffer(c), extra)
+    return _peers.ort_impls(model_info[2], threads, c.x, out_buffer(c), extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,12 +336,12 @@ def ort_impls(c, model_info, threads):
 def sample_index(c):
     """Samples of the batch the float64 reference is computed for."""
     if c.s == 1:  # BatchNorm1d: rows
-        return np.unique(np.random.default_rng(1).integers(0, c.n, size=min(c.n, 256)))
-    return np.unique(np.array([0, c.n // 2, c.n - 1]))
+        return _data.sampled_rows(c.n)
+    return _data.sampled_batch(c.n)
 
 
 def run_case(c, limit, log, results, notes):
-    log(H.case_title(c))
+    log(_report.case_title(c))
     idx = sample_index(c)
     ref = c.reference(idx)
     exp_running = c.expected_running() if c.op == "batch_norm" and c.training else None
@@ -399,8 +369,8 @@ def run_case(c, limit, log, results, notes):
     check_what = ("max rel err vs float64 reference on samples " + ",".join(map(str, idx[:3]))
                   + ("..." if len(idx) > 3 else "") + " | vs normkit, whole array"
                   + (" | running stats after one step vs float64" if exp_running is not None else ""))
-    H.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, check_what,
-                  exp_running=exp_running, running_tol=RUNNING_TOL)
+    _run.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, check_what,
+                     exp_running=exp_running, running_tol=RUNNING_TOL)
 
 
 def header_lines(limit_helper_ok):
@@ -409,7 +379,7 @@ def header_lines(limit_helper_ok):
         try:
             from normkit import _dtypes as nk_dtypes
 
-            cache = (f"; normkit takes fresh outputs of >= {H.mib(nk_dtypes.CACHED_OUTPUT_MIN_BYTES):g} MiB "
+            cache = (f"; normkit takes fresh outputs of >= {_report.mib(nk_dtypes.CACHED_OUTPUT_MIN_BYTES):g} MiB "
                      "from its cache of freed output buffers (already mapped: no page faults)")
         except (ImportError, AttributeError):
             cache = "; normkit reuses large freed output buffers (output cache)"
@@ -423,7 +393,7 @@ def header_lines(limit_helper_ok):
                        "PyTorch's mixed-type path; ONNX Runtime's GroupNormalization/InstanceNormalization "
                        "take scale/bias in x's dtype"),
     ]
-    return H.header_lines(
+    return _report.header_lines(
         ARGS, limit_helper_ok,
         "normkit.batch_norm/group_norm/instance_norm (layout= the case's), "
         "fresh output and out=; PyTorch: torch.nn.functional.batch_norm/group_norm/instance_norm "
@@ -436,12 +406,12 @@ def header_lines(limit_helper_ok):
 
 
 def target_rows(results):
-    return H.target_rows(results, ARGS, TARGETS, FRACTION_TARGETS)
+    return _report.target_rows(results, ARGS, TARGETS, FRACTION_TARGETS)
 
 
 def main():
-    H.main(ARGS, "normkit channels benchmark", "BatchNorm / GroupNorm / InstanceNorm forward", 3,
-           header_lines, Case, run_case, target_rows, skip_failed_cases=True, report_total_time=True)
+    _run.main(ARGS, "normkit channels benchmark", "BatchNorm / GroupNorm / InstanceNorm forward", 3,
+              header_lines, Case, run_case, target_rows, skip_failed_cases=True, report_total_time=True)
 
 
 if __name__ == "__main__":

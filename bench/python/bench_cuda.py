@@ -29,8 +29,11 @@ Every normkit result is first checked against PyTorch's (relative tolerance of t
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402  (standard library only)
 
 
 def main() -> int:
@@ -65,15 +68,6 @@ def main() -> int:
         end.synchronize()
         return start.elapsed_time(end) / reps * 1e-3  # seconds per call
 
-    def median_times(fns):
-        samples = [[] for _ in fns]
-        for t in range(trials):
-            order = list(range(len(fns)))
-            order = order[t % len(order):] + order[: t % len(order)]
-            for i in order:
-                samples[i].append(timed(fns[i]))
-        return [statistics.median(s) for s in samples]
-
     def check(a, b, dtype, what):
         tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
@@ -90,7 +84,8 @@ def main() -> int:
         n = moved_bytes // 2 // x.element_size() + 1
         src = torch.empty(n, dtype=x.dtype, device=dev)
         dst = torch.empty_like(src)
-        t_nk, t_torch, t_copy = median_times([nk_fn, torch_fn, lambda: dst.copy_(src)])
+        # trials runs of each, interleaved, the order rotated trial by trial
+        t_nk, t_torch, t_copy = _timing.interleaved_medians([nk_fn, torch_fn, lambda: dst.copy_(src)], trials, timed)
         rows.append((name, moved_bytes / t_nk / 1e9, t_copy / t_nk, t_torch / t_nk))
         print(f"{name:44s} {moved_bytes / t_nk / 1e9:8.1f} GB/s  frac {t_copy / t_nk:5.2f}  x torch {t_torch / t_nk:5.2f}",
               flush=True)

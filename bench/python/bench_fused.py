@@ -74,7 +74,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as H  # noqa: E402  (standard library only: the environment is set below first)
+import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
+import _libs  # noqa: E402
+import _data  # noqa: E402
+import _check  # noqa: E402
+from _check import Impl  # noqa: E402
+import _peers  # noqa: E402
+import _report  # noqa: E402
+import _run  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -132,12 +139,12 @@ def _extra_args(ap):
                          "the numbers mean nothing")
 
 
-ARGS = H.parse_args(__doc__, CASES, LIBS, reps_default=15, threads_default="2", extra_args=_extra_args,
-                    out_offset_note=". 16 reproduces y allocated right after x by NumPy, a placement that "
-                                    "is slow on some machines")
-H.configure_environment(ARGS)
-H.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
-np, normkit, torch, F, ort = H.np, H.normkit, H.torch, H.F, H.ort
+ARGS = _cli.parse_args(__doc__, CASES, LIBS, reps_default=15, threads_default="2", extra_args=_extra_args,
+                       out_offset_note=". 16 reproduces y allocated right after x by NumPy, a placement that "
+                                       "is slow on some machines")
+_libs.configure_environment(ARGS)
+_libs.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
+np, normkit, torch, F, ort = _libs.np, _libs.normkit, _libs.torch, _libs.F, _libs.ort
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +175,7 @@ def _probe_normkit():
             call()
             got[name] = None
         except Exception as exc:  # AttributeError / TypeError before issue 11, anything else: reported
-            got[name] = f"{type(exc).__name__}: {H.first_line(exc)[:120]}"
+            got[name] = f"{type(exc).__name__}: {_check.first_line(exc)[:120]}"
     return got
 
 
@@ -213,7 +220,7 @@ class Case:
         self.name = name
         self.op, shape, self.layout, self.dtype_name = CASES[name]
         self.shape = TINY[name] if ARGS.tiny else shape
-        self.dtype = H.np_dtype(self.dtype_name)
+        self.dtype = _libs.np_dtype(self.dtype_name)
         self.feature = NK_FEATURE[self.op]
         self.nk_missing = NK[self.feature]
         self.nk_out_missing = NK[self.feature + " out="]
@@ -224,15 +231,12 @@ class Case:
             self.c = c
             self.phys = (n, hh, ww, c) if self.layout == "NHWC" else self.shape
             self.label = f"GroupNorm+SiLU G={GROUPS} {dims} {self.layout} {self.dtype_name}"
-            scale_c = rng.uniform(0.5, 2.0, c).astype(np.float32)  # channel statistics differ
-            shift_c = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-            bshape = (1, 1, 1, c) if self.layout == "NHWC" else (1, c, 1, 1)
-            self.x = H.placed_empty(self.phys, self.dtype, 0, fill=None)
-            self.x[...] = rng.standard_normal(self.phys, dtype=np.float32) * scale_c.reshape(bshape) \
-                + shift_c.reshape(bshape)
+            x32 = _data.random_channels(rng, self.phys, self.layout == "NHWC")[0]  # channel statistics differ
+            self.x = _data.placed_array(x32, self.dtype)
+            del x32
             self.w = rng.uniform(0.5, 1.5, c).astype(np.float32)
             self.b = (0.1 * rng.standard_normal(c)).astype(np.float32)
-            self.y_out = H.placed_empty(self.phys, self.dtype, ARGS.out_offset)
+            self.y_out = _data.placed_empty(self.phys, self.dtype, ARGS.out_offset)
             self.bytes = 2 * self.x.nbytes  # x read + y written
             return
         rows, n = self.shape
@@ -241,37 +245,29 @@ class Case:
         kind = {"add_rms_norm": "add_rms_norm", "add_layer_norm": "add_layer_norm",
                 "rms_norm_int8": "rms_norm int8 (dynamic per-row scales)"}[self.op]
         self.label = f"{kind} {dims} {self.dtype_name}"
-        self.x = H.placed_empty(self.shape, self.dtype, 0, fill=None)
-        x32 = rng.standard_normal(self.shape, dtype=np.float32)
-        x32 *= 2.0
-        x32 += 0.5
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
-        del x32
+        self.x = _data.placed_array(_data.random_rows(rng, self.shape), self.dtype)
         self.w = rng.uniform(0.5, 1.5, n).astype(np.float32).astype(self.dtype)
         self.b = (0.1 * rng.standard_normal(n)).astype(np.float32).astype(self.dtype) \
             if self.op == "add_layer_norm" else None
         if self.op == "rms_norm_int8":
-            self.q_out = H.placed_empty(self.shape, np.int8, ARGS.out_offset)
+            self.q_out = _data.placed_empty(self.shape, np.int8, ARGS.out_offset)
             self.bytes = self.x.nbytes + self.q_out.nbytes  # 4 bytes read + 1 written per element
             self.limit_nbytes = self.bytes // 2
             return
-        self.r = H.placed_empty(self.shape, self.dtype, 0, fill=None)
-        self.r[...] = rng.standard_normal(self.shape, dtype=np.float32).astype(self.dtype)
-        self.y_out = H.placed_empty(self.shape, self.dtype, ARGS.out_offset)
-        self.s_out = H.placed_empty(self.shape, self.dtype, ARGS.out_offset)
+        self.r = _data.placed_array(rng.standard_normal(self.shape, dtype=np.float32), self.dtype)
+        self.y_out = _data.placed_empty(self.shape, self.dtype, ARGS.out_offset)
+        self.s_out = _data.placed_empty(self.shape, self.dtype, ARGS.out_offset)
         self.bytes = 4 * self.x.nbytes  # x and residual read, y and s written
         self.limit_nbytes = 2 * self.x.nbytes
 
     def sample_index(self):
         if self.op == "group_norm_silu":
-            n = self.shape[0]
-            return np.unique(np.array([0, n // 2, n - 1]))
-        rows = self.shape[0]
-        return np.unique(np.random.default_rng(1).integers(0, rows, size=min(rows, 256)))
+            return _data.sampled_batch(self.shape[0])
+        return _data.sampled_rows(self.shape[0])
 
     def reference(self, idx):
         """The float64 reference validate_impls takes, and the tolerance (per output element)."""
-        tol = H.tolerance(self.dtype)
+        tol = _check.tolerance(self.dtype)
         if self.op == "group_norm_silu":
             xs = self.x[idx].astype(np.float64)
             if self.layout == "NHWC":
@@ -301,8 +297,6 @@ class Case:
 
 # ---------------------------------------------------------------------------------------------
 # implementations
-
-Impl = H.Impl
 
 
 def normkit_impls(c):
@@ -388,23 +382,13 @@ def unfused_impls(c):
 
 
 def torch_impls(c, notes):
-    tw, tb = H.to_torch(c.w), H.to_torch(c.b)
+    tw, tb = _peers.to_torch(c.w), _peers.to_torch(c.b)
     if c.op == "group_norm_silu":
-        tx = H.to_torch(c.x)
-        if c.layout == "NHWC":
-            tx = tx.permute(0, 3, 1, 2)  # a channels_last-strided NCHW view of the NHWC array
-            assert tx.is_contiguous(memory_format=torch.channels_last)
+        cl = c.layout == "NHWC"
+        tx = _peers.to_torch_nchw(c.x, cl)
         f = lambda: F.silu(F.group_norm(tx, GROUPS, tw, tb, GN_EPS), inplace=True)  # noqa: E731
-
-        def output():
-            t = f()
-            if c.layout == "NHWC":
-                if not t.is_contiguous(memory_format=torch.channels_last):
-                    notes.append("torch: group_norm output is not channels_last for a channels_last input")
-                t = t.permute(0, 2, 3, 1)
-            return H.from_torch(t)
-        return [Impl("torch", f, output, "torch")]
-    tx, n = H.to_torch(c.x), c.n
+        return [Impl("torch", f, lambda: _peers.from_torch_nchw(f(), cl, notes, "group_norm output"), "torch")]
+    tx, n = _peers.to_torch(c.x), c.n
     if c.op == "rms_norm_int8":
         inf = float("inf")
 
@@ -418,7 +402,7 @@ def torch_impls(c, notes):
             q, scale = f()
             return q_units(q.numpy()), scale.numpy().reshape(-1)
         return [Impl("torch", f, output, "torch")]
-    tr = H.to_torch(c.r)
+    tr = _peers.to_torch(c.r)
     if c.op == "add_rms_norm":
         def f():
             s = torch.add(tx, tr)
@@ -427,7 +411,7 @@ def torch_impls(c, notes):
         def f():
             s = torch.add(tx, tr)
             return F.layer_norm(s, (n,), tw, tb, LN_EPS), s
-    return [Impl("torch", f, lambda: tuple(H.from_torch(t) for t in f()), "torch")]
+    return [Impl("torch", f, lambda: tuple(_peers.from_torch(t) for t in f()), "torch")]
 
 
 # ONNX Runtime ----------------------------------------------------------------------------------
@@ -439,13 +423,13 @@ def ort_model(c):
     """One com.microsoft Skip*Normalization node: inputs X, R (skip), W (gamma) [, B (beta)]; outputs
     Y (output) and S (input_skip_bias_sum; mean and inv_std_var not requested)."""
     op = ORT_OPS[c.op]
-    et = H.ort_elem_type(c.dtype)
-    inits = [H.ort_initializer("W", c.w)] + ([H.ort_initializer("B", c.b)] if c.b is not None else [])
-    node = H.helper.make_node(op, ["X", "R"] + [t.name for t in inits], ["Y", "", "", "S"],
-                              domain="com.microsoft", epsilon=LN_EPS if c.op == "add_layer_norm" else RMS_EPS)
-    vi = lambda name: H.helper.make_tensor_value_info(name, et, ["N", c.n])  # noqa: E731
-    return op, H.ort_model_bytes(node, [vi("X"), vi("R")], [vi("Y"), vi("S")], inits, 17,
-                                 domains=[("com.microsoft", 1)])
+    et = _peers.ort_elem_type(c.dtype)
+    inits = [_peers.ort_initializer("W", c.w)] + ([_peers.ort_initializer("B", c.b)] if c.b is not None else [])
+    node = _libs.helper.make_node(op, ["X", "R"] + [t.name for t in inits], ["Y", "", "", "S"],
+                                  domain="com.microsoft", epsilon=LN_EPS if c.op == "add_layer_norm" else RMS_EPS)
+    vi = lambda name: _libs.helper.make_tensor_value_info(name, et, ["N", c.n])  # noqa: E731
+    return op, _peers.ort_model_bytes(node, [vi("X"), vi("R")], [vi("Y"), vi("S")], inits, 17,
+                                      domains=[("com.microsoft", 1)])
 
 
 def ort_prepare(c):
@@ -455,10 +439,10 @@ def ort_prepare(c):
         return None, None
     try:
         op, model = ort_model(c)
-        sess, nodes = H.ort_optimized_session(model)
+        sess, nodes = _peers.ort_optimized_session(model)
         sess.run(["Y", "S"], {"X": c.x[:2], "R": c.r[:2]})
     except Exception as exc:
-        return None, f"onnxruntime: skipped ({H.first_line(exc)[:200]})"
+        return None, f"onnxruntime: skipped ({_check.first_line(exc)[:200]})"
     return (op, model), (f"onnxruntime: com.microsoft {op}, graph after optimization: {', '.join(nodes)}")
 
 
@@ -471,7 +455,7 @@ def strict_check(c, impls, idx, ref, tol):
     with normkit on the whole arrays (within twice the tolerance, as both are within it of the
     reference); AssertionError naming the disagreement otherwise."""
     problems = []
-    good, checks = H.validate_impls(impls, idx, ref, tol, problems)
+    good, checks = _check.validate_impls(impls, idx, ref, tol, problems)
     nk = next((im for im in good if im.name == "normkit"), None)
     if nk is not None:
         tols = tol if isinstance(tol, tuple) else (tol,)
@@ -483,7 +467,7 @@ def strict_check(c, impls, idx, ref, tol):
             b = im.output()
             b = b if isinstance(b, tuple) else (b,)
             for k, (ea, eb, t) in enumerate(zip(a, b, tols)):
-                err = H.max_rel_err_chunked(np.asarray(eb), ea)
+                err = _check.max_rel_err_chunked(np.asarray(eb), ea)
                 if not err <= 2 * t:
                     problems.append(f"{im.name}: output {k} differs from normkit's on the whole array "
                                     f"(max rel err {err:.2e}, allowed {2 * t:.1e})")
@@ -496,7 +480,7 @@ def strict_check(c, impls, idx, ref, tol):
 
 
 def run_case(c, limit, log, results, notes):
-    log(H.case_title(c) + f"  (counted bytes {H.mib(c.bytes):.2f} MiB)")
+    log(_report.case_title(c) + f"  (counted bytes {_report.mib(c.bytes):.2f} MiB)")
     idx = c.sample_index()
     ref, tol = c.reference(idx)
     c.tol = tol
@@ -522,13 +506,13 @@ def run_case(c, limit, log, results, notes):
             impls += torch_impls(c, case_notes)
         if ort_info is not None:
             try:
-                impls += H.ort_impls(ort_info[1], t, c.x, c.y_out, extra_outputs=[("S", c.s_out)],
-                                     extra_inputs=[("R", c.r)], all_outputs=True)
+                impls += _peers.ort_impls(ort_info[1], t, c.x, c.y_out, extra_outputs=[("S", c.s_out)],
+                                          extra_inputs=[("R", c.r)], all_outputs=True)
             except Exception as exc:
                 case_notes.append(f"onnxruntime skipped at {t} threads: {exc}")
         return impls
 
-    H.set_threads(ARGS.threads[0])
+    _libs.set_threads(ARGS.threads[0])
     first = make_impls(ARGS.threads[0], [])
     if not first:
         log("nothing to time (normkit's function missing and no peer installed)")
@@ -542,7 +526,7 @@ def run_case(c, limit, log, results, notes):
                                + ",".join(map(str, idx)) + " | vs normkit, whole array",
             "rms_norm_int8": "q in quanta/127 on sampled rows / scales on all rows vs float64 | vs normkit",
             }.get(c.op, "y on sampled rows / s whole vs float64 (from s as stored) | vs normkit")
-    H.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, what)
+    _run.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref, what)
 
 
 def header_lines(limit_helper_ok):
@@ -560,7 +544,7 @@ def header_lines(limit_helper_ok):
     ]
     if ARGS.tiny:
         extra.insert(0, ("TINY SHAPES", "--tiny: a smoke test of the script; the numbers mean nothing"))
-    return H.header_lines(
+    return _report.header_lines(
         ARGS, limit_helper_ok,
         "normkit.add_rms_norm/add_layer_norm (fresh; out= + sum_out=), group_norm(activation='silu') "
         "and rms_norm(quantize='int8') (fresh; out=); unfused normkit: group_norm without activation "
@@ -580,9 +564,9 @@ def target_rows(results):
     by = {(r["case"], r["threads"], r["impl"]): r for r in results}
     t = 2 if 2 in ARGS.threads else max(ARGS.threads)
     rows = []
-    for case, *rest in H.target_rows(results, ARGS, TARGETS, FRACTION_TARGETS):
+    for case, *rest in _report.target_rows(results, ARGS, TARGETS, FRACTION_TARGETS):
         rows.append((case, *rest) if rest[2] != "peer not timed" else (case, rest[0], rest[1], "-", "-"))
-    for case in ARGS.cases:  # normkit not timed: H.target_rows leaves the case out
+    for case in ARGS.cases:  # normkit not timed: _report.target_rows leaves the case out
         if (case, t, "normkit") not in by:
             wanted = [f">= {need:g}x {peer}" for peer, need in TARGETS.get(case, [])]
             if case in FRACTION_TARGETS:
@@ -614,9 +598,9 @@ LEGEND = ("Fresh output: new arrays per call. `out=`: into preallocated arrays (
 
 
 def main():
-    H.main(ARGS, "normkit fused benchmark", "add + LayerNorm/RMSNorm, GroupNorm + SiLU, RMSNorm + int8", 11,
-           header_lines, Case, run_case, target_rows, skip_failed_cases=True, report_total_time=True,
-           legend=LEGEND)
+    _run.main(ARGS, "normkit fused benchmark", "add + LayerNorm/RMSNorm, GroupNorm + SiLU, RMSNorm + int8", 11,
+              header_lines, Case, run_case, target_rows, skip_failed_cases=True, report_total_time=True,
+              legend=LEGEND)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ the ratio is layer / functions. The target (issue 4): at most 1.05.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
 import numpy as np
 
 import normkit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
 
 def main():
@@ -45,21 +49,20 @@ def main():
         ln(x)
         ln.backward(dy)
 
+    def once(f):
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+
     print(f"LayerNorm [{rows},{cols}] float32, forward + backward; median of {args.reps} interleaved samples")
     print("| threads | functions (ms) | layer object (ms) | layer / functions |")
     print("| --- | --- | --- | --- |")
     for threads in (int(t) for t in args.threads.split(",")):
         normkit.set_num_threads(threads)
-        times = {"functions": [], "layer": []}
-        variants = [("functions", functions), ("layer", layer)]
         for f in (functions, layer):
             f()  # warm up: output cache, pages, OpenMP team
-        for rep in range(args.reps):
-            for name, f in variants if rep % 2 == 0 else variants[::-1]:
-                start = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - start)
-        fn, ly = statistics.median(times["functions"]), statistics.median(times["layer"])
+        # per repetition both once, alternating which goes first
+        fn, ly = _timing.interleaved_medians([functions, layer], args.reps, once)
         print(f"| {threads} | {fn * 1e3:.2f} | {ly * 1e3:.2f} | {ly / fn:.3f} |")
 
 

@@ -52,7 +52,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as H  # noqa: E402  (standard library only: the environment is set below first)
+import _cli  # noqa: E402  (the bench modules import only the standard library: the environment is set first)
+import _libs  # noqa: E402
+import _data  # noqa: E402
+import _check  # noqa: E402
+from _check import Impl  # noqa: E402
+import _peers  # noqa: E402
+import _report  # noqa: E402
+import _run  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -85,12 +92,12 @@ FRACTION_TARGET = 0.8
 
 LIBS = ("normkit", "numpy", "torch", "onnxruntime")
 
-ARGS = H.parse_args(__doc__, CASES, LIBS, reps_default=15,
-                    out_offset_note=". 16 reproduces y allocated right after x by NumPy, a placement that "
-                                    "is slow on some machines")
-H.configure_environment(ARGS)
-H.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
-np, normkit, torch, F, ort = H.np, H.normkit, H.torch, H.F, H.ort
+ARGS = _cli.parse_args(__doc__, CASES, LIBS, reps_default=15,
+                       out_offset_note=". 16 reproduces y allocated right after x by NumPy, a placement that "
+                                       "is slow on some machines")
+_libs.configure_environment(ARGS)
+_libs.load_libraries(ARGS)  # NumPy, normkit (first), ml_dtypes, PyTorch, ONNX Runtime
+np, normkit, torch, F, ort = _libs.np, _libs.normkit, _libs.torch, _libs.F, _libs.ort
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,18 +108,13 @@ class Case:
     def __init__(self, name):
         self.name = name
         self.op, self.shape, self.dtype_name = CASES[name]
-        self.dtype = H.np_dtype(self.dtype_name)
+        self.dtype = _libs.np_dtype(self.dtype_name)
         self.n = self.shape[-1]
         self.eps = 1e-5 if self.op == "layer_norm" else 1e-6
         kind = "LayerNorm" if self.op == "layer_norm" else "RMSNorm"
         self.label = f"{kind} [{', '.join(map(str, self.shape))}] {self.dtype_name}"
         rng = np.random.default_rng(0)
-        x32 = rng.standard_normal(self.shape, dtype=np.float32)
-        x32 *= 2.0
-        x32 += 0.5
-        self.x = H.placed_empty(self.shape, self.dtype, 0, fill=None)
-        self.x[...] = x32 if self.dtype == np.float32 else x32.astype(self.dtype)
-        del x32
+        self.x = _data.placed_array(_data.random_rows(rng, self.shape), self.dtype)
         self.w = rng.uniform(0.5, 1.5, self.n).astype(np.float32).astype(self.dtype)
         self.b = (0.1 * rng.standard_normal(self.n)).astype(np.float32).astype(self.dtype) \
             if self.op == "layer_norm" else None
@@ -132,11 +134,10 @@ class Case:
 # ---------------------------------------------------------------------------------------------
 # implementations
 
-Impl = H.Impl
-
 
 def out_buffer(c):
-    return H.placed_empty(c.shape, c.dtype, ARGS.out_offset)
+    return _data.placed_empty(c.shape, c.dtype, ARGS.out_offset)
+
 
 def normkit_impls(c):
     x, w, b, n, eps = c.x, c.w, c.b, c.n, c.eps
@@ -174,12 +175,12 @@ def numpy_impls(c):
 
 
 def torch_impls(c):
-    tx, tw, tb, n, eps = H.to_torch(c.x), H.to_torch(c.w), H.to_torch(c.b), c.n, c.eps
+    tx, tw, tb, n, eps = _peers.to_torch(c.x), _peers.to_torch(c.w), _peers.to_torch(c.b), c.n, c.eps
     if c.op == "layer_norm":
         f = lambda: F.layer_norm(tx, (n,), tw, tb, eps)  # noqa: E731
     else:
         f = lambda: F.rms_norm(tx, (n,), tw, eps)  # noqa: E731
-    return [Impl("torch", f, lambda: H.from_torch(f()), "torch")]
+    return [Impl("torch", f, lambda: _peers.from_torch(f()), "torch")]
 
 
 # ONNX Runtime ----------------------------------------------------------------------------------
@@ -193,11 +194,11 @@ ORT_OPS = {
 
 
 def ort_model(c, op, opset):
-    et = H.ort_elem_type(c.dtype)
-    inits = [H.ort_initializer("W", c.w)] + ([H.ort_initializer("B", c.b)] if c.b is not None else [])
-    node = H.helper.make_node(op, ["X"] + [t.name for t in inits], ["Y"], axis=-1, epsilon=c.eps)
-    return H.ort_model_bytes(node, [H.helper.make_tensor_value_info("X", et, ["N", c.n])],
-                             [H.helper.make_tensor_value_info("Y", et, ["N", c.n])], inits, opset)
+    et = _peers.ort_elem_type(c.dtype)
+    inits = [_peers.ort_initializer("W", c.w)] + ([_peers.ort_initializer("B", c.b)] if c.b is not None else [])
+    node = _libs.helper.make_node(op, ["X"] + [t.name for t in inits], ["Y"], axis=-1, epsilon=c.eps)
+    return _peers.ort_model_bytes(node, [_libs.helper.make_tensor_value_info("X", et, ["N", c.n])],
+                                  [_libs.helper.make_tensor_value_info("Y", et, ["N", c.n])], inits, opset)
 
 
 def ort_choose_model(c):
@@ -208,19 +209,19 @@ def ort_choose_model(c):
     for op, opset in ORT_OPS[c.op]:
         try:
             model = ort_model(c, op, opset)
-            sess, nodes = H.ort_optimized_session(model)
+            sess, nodes = _peers.ort_optimized_session(model)
             y = out_buffer(c)
             bind = sess.io_binding()
-            bind.bind_ortvalue_input("X", H.ort_ortvalue(c.x))
-            bind.bind_ortvalue_output("Y", H.ort_ortvalue(y))
+            bind.bind_ortvalue_input("X", _peers.ort_ortvalue(c.x))
+            bind.bind_ortvalue_output("Y", _peers.ort_ortvalue(y))
             sess.run_with_iobinding(bind)
-            err = H.max_rel_err_chunked(y, ref)
-            if not err <= H.tolerance(c.dtype):
+            err = _check.max_rel_err_chunked(y, ref)
+            if not err <= _check.tolerance(c.dtype):
                 reasons.append(f"{op}: output differs from normkit (max rel err {err:.2e})")
                 continue
             return (op, opset, model), nodes
         except Exception as exc:
-            reasons.append(f"{op}(opset {opset}): {H.first_line(exc)[:160]}")
+            reasons.append(f"{op}(opset {opset}): {_check.first_line(exc)[:160]}")
     return None, "; ".join(reasons)
 
 
@@ -229,11 +230,10 @@ def ort_choose_model(c):
 
 
 def run_case(c, limit, log, results, notes):
-    log(H.case_title(c))
+    log(_report.case_title(c))
     # every implementation is checked against a float64 reference on sampled rows (and compared with
     # normkit on the whole array) before it is timed
-    rows = c.shape[0]
-    idx = np.unique(np.random.default_rng(1).integers(0, rows, size=min(rows, 256)))
+    idx = _data.sampled_rows(c.shape[0])
     ref_rows = c.reference_rows(idx)
 
     ort_info = None
@@ -258,18 +258,18 @@ def run_case(c, limit, log, results, notes):
             impls += torch_impls(c)
         if ort_info is not None:
             try:
-                impls += H.ort_impls(ort_info[2], t, c.x, out_buffer(c))
+                impls += _peers.ort_impls(ort_info[2], t, c.x, out_buffer(c))
             except Exception as exc:
                 case_notes.append(f"onnxruntime skipped at {t} threads: {exc}")
         return impls
 
-    H.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref_rows,
-                  "max rel err vs float64 reference on sampled rows | vs normkit, whole array",
-                  unprefixed_notes=("NumPy: float32 only",))
+    _run.run_threads(c, ARGS, limit, log, results, notes, make_impls, idx, ref_rows,
+                     "max rel err vs float64 reference on sampled rows | vs normkit, whole array",
+                     unprefixed_notes=("NumPy: float32 only",))
 
 
 def header_lines(limit_helper_ok):
-    return H.header_lines(
+    return _report.header_lines(
         ARGS, limit_helper_ok,
         "normkit.layer_norm/rms_norm, fresh output and out=; NumPy: plain float32 "
         "mean/var/normalize (float32 cases only); PyTorch: torch.nn.functional.layer_norm/rms_norm "
@@ -281,12 +281,12 @@ def header_lines(limit_helper_ok):
 
 def target_rows(results):
     fraction = {case: FRACTION_TARGET for case in CASES if case not in LATENCY_CASES}
-    return H.target_rows(results, ARGS, TARGETS, fraction, untimed_prefix="", fraction_missed="missed")
+    return _report.target_rows(results, ARGS, TARGETS, fraction, untimed_prefix="", fraction_missed="missed")
 
 
 def main():
-    H.main(ARGS, "normkit rows benchmark", "LayerNorm / RMSNorm forward", 2,
-           header_lines, Case, run_case, target_rows)
+    _run.main(ARGS, "normkit rows benchmark", "LayerNorm / RMSNorm forward", 2,
+              header_lines, Case, run_case, target_rows)
 
 
 if __name__ == "__main__":
