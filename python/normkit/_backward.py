@@ -14,10 +14,9 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._channels import _channel_input
-from ._layouts import layout_name
+from ._args import as_eps, layout_name
 from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
-from ._functional import _eps, _rows_input
+from ._inputs import channel_input, rows_input
 
 __all__ = [
     "layer_norm_backward",
@@ -64,7 +63,7 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, str
     """Gradient of ``layer_norm``: returns ``(dx, dweight, dbias)``."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         return _cuda.layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight, stream)
-    x, shape, bf16, _ = _rows_input(x, normalized_shape)
+    x, shape, bf16, _ = rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
     mean, rstd = _saved(mean, "mean", x.dtype), _saved(rstd, "rstd", x.dtype)
     if weight is not None:
@@ -80,7 +79,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, stream=None
     """Gradient of ``rms_norm``: returns ``(dx, dweight)``."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         return _cuda.rms_norm_backward(dy, x, rstd, normalized_shape, weight, stream)
-    x, shape, bf16, _ = _rows_input(x, normalized_shape)
+    x, shape, bf16, _ = rows_input(x, normalized_shape)
     dy = _like_x(dy, x, len(shape))
     rstd = _saved(rstd, "rstd", x.dtype)
     if weight is not None:
@@ -93,7 +92,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, stream=None
 
 
 def _channel_backward_args(dy, x, mean, rstd, weight):
-    x, bf16 = _channel_input(as_input(x, "x"))
+    x, bf16 = channel_input(as_input(x, "x"))
     dy = _like_x(dy, x)
     mean, rstd = _saved(mean, "mean", x.dtype), _saved(rstd, "rstd", x.dtype)
     if weight is not None:
@@ -160,7 +159,7 @@ def batch_norm_grad_sums(dy, x, mean, *, layout=None):
     all-reduce), they are what ``batch_norm_backward(..., sum_dy=, sum_dy_xmu=,
     count=)`` takes; ``mean`` is the one the forward normalized with (float64
     ``m.mean`` of the merged moments)."""
-    x, bf16 = _channel_input(as_input(x, "x"))
+    x, bf16 = channel_input(as_input(x, "x"))
     dy = _like_x(dy, x)
     mean = _saved(mean, "mean", x.dtype)
     count, s_dy, s_dy_xmu = _ext.batch_norm_grad_sums(kernel_view(dy), kernel_view(x), mean, layout_name(layout), bf16)
@@ -199,9 +198,9 @@ def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None, stre
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         return _cuda.adaptive_instance_norm_backward(dy, x, style, eps, layout, stream)
-    x, bf16 = _channel_input(as_input(x, "x"))
+    x, bf16 = channel_input(as_input(x, "x"))
     dy = _like_x(dy, x)
-    eps = _eps(eps)
+    eps = as_eps(eps)
     dx = empty(x.shape, x.dtype)
     if isinstance(style, (tuple, list)):
         if len(style) != 2:

@@ -13,25 +13,14 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
-from ._epilogue import PLAIN, parse, quantized_output
-from ._functional import _eps, _no_cuda_epilogue
-from ._layouts import Layout, layout_name
+from ._dtypes import as_input, as_params, check_out, empty, indirect_output, kernel_view, stats_dtype
+from ._args import Layout, as_eps, as_momentum, batch_and_channels, layout_name
+from ._epilogue import PLAIN, no_cuda_epilogue, parse, quantized_output
+from ._inputs import channel_input
 from ._moments import Moments
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
 
-
-
-def _momentum(momentum) -> float:
-    if not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum: expected a real number, got {momentum!r}")
-    return float(momentum)
-
-
-def _channel_input(x):
-    x = as_input(x, "x")
-    return (x if x.flags.c_contiguous else np.ascontiguousarray(x)), is_bf16(x.dtype)
 
 
 def _channel_output(out, x, given, epilogue=PLAIN):
@@ -62,12 +51,12 @@ def _running(stat, name, x_dtype, updated):
 def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps, out, updates_running, epilogue):
     """The argument intake batch_norm and instance_norm share."""
     given = as_input(x, "x")
-    x, bf16 = _channel_input(given)
+    x, bf16 = channel_input(given)
     rm = _running(running_mean, "running_mean", x.dtype, updates_running)
     rv = _running(running_var, "running_var", x.dtype, updates_running)
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
-    momentum, eps = _momentum(momentum), _eps(eps)
+    momentum, eps = as_momentum(momentum), as_eps(eps)
     y, copy_to = _channel_output(out, x, given, epilogue)
     return x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to
 
@@ -105,14 +94,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         return _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training, momentum, eps, layout,
                                       activation, quantize, scale, out, return_stats, stats)
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, quantize, scale)
+        no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, layout, out, return_stats,
                                 stream)
     training = bool(training)
     ep = parse(activation, quantize, scale, dynamic_allowed=False)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
         x, running_mean, running_var, weight, bias, momentum, eps, out, training, ep)
-    mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
+    mean, rstd = _stats(return_stats, (batch_and_channels(x, layout)[1],), x.dtype)
     _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
                     momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
@@ -130,19 +119,12 @@ def _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training,
     ep = parse(activation, quantize, scale, dynamic_allowed=False)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
         x, running_mean, running_var, weight, bias, momentum, eps, out, True, ep)
-    mean, rstd = _stats(return_stats, (_n_c(x, layout)[1],), x.dtype)
+    mean, rstd = _stats(return_stats, (batch_and_channels(x, layout)[1],), x.dtype)
     _ext.batch_norm_with_stats(kernel_view(x), kernel_view(y), list(stats.shape), stats.count, stats.mean, stats.m2, rm, rv,
                                kernel_view(weight), kernel_view(bias), momentum, eps, layout_name(layout), mean, rstd,
                                bf16, *ep)
     y = _finish(y, copy_to)
     return (y, mean, rstd) if return_stats else y
-
-
-def _n_c(x, layout):
-    name = layout_name(layout)
-    if x.ndim < 2:
-        return 0, 0
-    return x.shape[0], x.shape[-1] if name in ("NC", "NLC", "NHWC", "NDHWC") else x.shape[1]
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -156,14 +138,14 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, None, None)
+        no_cuda_epilogue(x, activation, None, None)
         return _cuda.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
                                    out, return_stats, stream)
     use_input_stats = bool(use_input_stats)
     ep = parse(activation)
     x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to = _running_norm_args(
         x, running_mean, running_var, weight, bias, momentum, eps, out, use_input_stats, ep)
-    mean, rstd = _stats(return_stats, _n_c(x, layout), x.dtype)
+    mean, rstd = _stats(return_stats, batch_and_channels(x, layout), x.dtype)
     _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
                        use_input_stats, momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
     y = _finish(y, copy_to)
@@ -178,16 +160,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, num_groups).
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, quantize, scale)
+        no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.group_norm(x, num_groups, weight, bias, eps, layout, out, return_stats, stream)
     ep = parse(activation, quantize, scale, dynamic_allowed=False)
     given = as_input(x, "x")
-    x, bf16 = _channel_input(given)
+    x, bf16 = channel_input(given)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
-    eps = _eps(eps)
+    eps = as_eps(eps)
     y, copy_to = _channel_output(out, x, given, ep)
     n = x.shape[0] if x.ndim >= 1 else 0
     mean, rstd = _stats(return_stats, (n, max(int(num_groups), 0)), x.dtype)
@@ -207,12 +189,12 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, activation=None, 
     ``activation`` applies after the style's affine.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, None, None)
+        no_cuda_epilogue(x, activation, None, None)
         return _cuda.adaptive_instance_norm(x, style, eps, layout, out, stream)
     ep = parse(activation)
     given = as_input(x, "x")
-    x, bf16 = _channel_input(given)
-    eps = _eps(eps)
+    x, bf16 = channel_input(given)
+    eps = as_eps(eps)
     style_map = style_mean = style_std = None
     if isinstance(style, (tuple, list)):
         if len(style) != 2:

@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from . import _ext
-from ._layouts import layout_name as _layout
+from ._args import as_eps, as_momentum, as_normalized_shape, batch_and_channels, layout_name
 
 # DLPack device types that are CUDA device memory.
 _DLPACK_CUDA = 2
@@ -181,25 +181,6 @@ class _Call:
         return self.lib.empty(self.x, shape, stats=True), self.lib.empty(self.x, shape, stats=True)
 
 
-def _shape(normalized_shape):
-    from ._functional import _normalized_shape
-
-    return _normalized_shape(normalized_shape)
-
-
-def _eps(eps):
-    from ._functional import _eps as eps_of
-
-    return eps_of(eps)
-
-
-def _n_c(x, layout):
-    name = _layout(layout)
-    if x.ndim < 2:
-        return 0, 0
-    return x.shape[0], x.shape[-1] if name in ("NC", "NLC", "NHWC", "NDHWC") else x.shape[1]
-
-
 def _style(call, style, name="style"):
     """(map, mean, std): a style feature map, or a (mean, std) pair."""
     if isinstance(style, (tuple, list)):
@@ -215,39 +196,37 @@ def _style(call, style, name="style"):
 def layer_norm(x, normalized_shape, weight, bias, eps, out, return_stats, stream):
     call = _Call(x, stream)
     x = call.lib.contiguous(call.x)
-    shape = _shape(normalized_shape)
+    shape = as_normalized_shape(normalized_shape)
     weight, bias = call.array(weight, "weight", True), call.array(bias, "bias", True)
     y = call.output(out, x.shape)
     mean, rstd = call.stats(return_stats, tuple(x.shape[: x.ndim - len(shape)]) + (1,) * len(shape))
-    _ext.cuda_layer_norm(x, y, shape, weight, bias, _eps(eps), mean, rstd, call.stream)
+    _ext.cuda_layer_norm(x, y, shape, weight, bias, as_eps(eps), mean, rstd, call.stream)
     return (y, mean, rstd) if return_stats else y
 
 
 def rms_norm(x, normalized_shape, weight, eps, out, return_stats, stream):
     call = _Call(x, stream)
     x = call.lib.contiguous(call.x)
-    shape = _shape(normalized_shape)
+    shape = as_normalized_shape(normalized_shape)
     weight = call.array(weight, "weight", True)
     y = call.output(out, x.shape)
     rstd = None
     if return_stats:
         rstd = call.lib.empty(x, tuple(x.shape[: x.ndim - len(shape)]) + (1,) * len(shape), stats=True)
-    _ext.cuda_rms_norm(x, y, shape, weight, None if eps is None else _eps(eps), rstd, call.stream)
+    _ext.cuda_rms_norm(x, y, shape, weight, None if eps is None else as_eps(eps), rstd, call.stream)
     return (y, rstd) if return_stats else y
 
 
 def _running_norm(ext_fn, per_sample, x, running_mean, running_var, weight, bias, flag, momentum, eps, layout, out,
                   return_stats, stream):
-    from ._channels import _momentum
-
     call = _Call(x, stream)
     x = call.lib.contiguous(call.x)
     rm, rv = call.array(running_mean, "running_mean"), call.array(running_var, "running_var")
     weight, bias = call.array(weight, "weight", True), call.array(bias, "bias", True)
     y = call.output(out, x.shape)
-    n, c = _n_c(x, layout)
+    n, c = batch_and_channels(x, layout)
     mean, rstd = call.stats(return_stats, (n, c) if per_sample else (c,))
-    ext_fn(x, y, rm, rv, weight, bias, bool(flag), _momentum(momentum), _eps(eps), _layout(layout), mean, rstd,
+    ext_fn(x, y, rm, rv, weight, bias, bool(flag), as_momentum(momentum), as_eps(eps), layout_name(layout), mean, rstd,
            call.stream)
     return (y, mean, rstd) if return_stats else y
 
@@ -273,7 +252,7 @@ def group_norm(x, num_groups, weight, bias, eps, layout, out, return_stats, stre
     y = call.output(out, x.shape)
     n = x.shape[0] if x.ndim >= 1 else 0
     mean, rstd = call.stats(return_stats, (n, max(int(num_groups), 0)))
-    _ext.cuda_group_norm(x, y, int(num_groups), weight, bias, _eps(eps), _layout(layout), mean, rstd, call.stream)
+    _ext.cuda_group_norm(x, y, int(num_groups), weight, bias, as_eps(eps), layout_name(layout), mean, rstd, call.stream)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -282,7 +261,7 @@ def adaptive_instance_norm(x, style, eps, layout, out, stream):
     x = call.lib.contiguous(call.x)
     style_map, style_mean, style_std = _style(call, style)
     y = call.output(out, x.shape)
-    _ext.cuda_adaptive_instance_norm(x, y, style_map, style_mean, style_std, _eps(eps), _layout(layout), call.stream)
+    _ext.cuda_adaptive_instance_norm(x, y, style_map, style_mean, style_std, as_eps(eps), layout_name(layout), call.stream)
     return y
 
 
@@ -301,7 +280,7 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight, stream):
     x = call.lib.contiguous(call.x)
     dy = call.array(dy, "dy", True)
     mean, rstd = call.array(mean, "mean", True), call.array(rstd, "rstd", True)
-    shape = _shape(normalized_shape)
+    shape = as_normalized_shape(normalized_shape)
     weight = call.array(weight, "weight", True)
     dx = call.lib.empty(x, x.shape)
     dweight, dbias = _param_grads(call, weight)
@@ -314,7 +293,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight, stream):
     x = call.lib.contiguous(call.x)
     dy = call.array(dy, "dy", True)
     rstd = call.array(rstd, "rstd", True)
-    shape = _shape(normalized_shape)
+    shape = as_normalized_shape(normalized_shape)
     weight = call.array(weight, "weight", True)
     dx = call.lib.empty(x, x.shape)
     dweight, _ = _param_grads(call, weight, with_bias=False)
@@ -331,11 +310,11 @@ def _channel_backward(ext_fn, dy, x, mean, rstd, weight, flag, layout, stream, n
     dx = call.lib.empty(x, x.shape)
     dweight, dbias = _param_grads(call, weight)
     if num_groups is None:
-        ext_fn(dy, x, mean, rstd, weight, dx, dweight, dbias, bool(flag), _layout(layout), call.stream)
+        ext_fn(dy, x, mean, rstd, weight, dx, dweight, dbias, bool(flag), layout_name(layout), call.stream)
     else:
         if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
             raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
-        ext_fn(dy, x, mean, rstd, int(num_groups), weight, dx, dweight, dbias, _layout(layout), call.stream)
+        ext_fn(dy, x, mean, rstd, int(num_groups), weight, dx, dweight, dbias, layout_name(layout), call.stream)
     return dx, dweight, dbias
 
 
@@ -361,10 +340,10 @@ def adaptive_instance_norm_backward(dy, x, style, eps, layout, stream):
     dx = call.lib.empty(x, x.shape)
     if style_map is None:
         dmean, dstd = call.lib.empty_like_param(style_mean), call.lib.empty_like_param(style_std)
-        _ext.cuda_adaptive_instance_norm_backward(dy, x, None, style_mean, style_std, _eps(eps), dx, None, dmean,
-                                                  dstd, _layout(layout), call.stream)
+        _ext.cuda_adaptive_instance_norm_backward(dy, x, None, style_mean, style_std, as_eps(eps), dx, None, dmean,
+                                                  dstd, layout_name(layout), call.stream)
         return dx, (dmean, dstd)
     dstyle = call.lib.empty(style_map, style_map.shape)
-    _ext.cuda_adaptive_instance_norm_backward(dy, x, style_map, None, None, _eps(eps), dx, dstyle, None, None,
-                                              _layout(layout), call.stream)
+    _ext.cuda_adaptive_instance_norm_backward(dy, x, style_map, None, None, as_eps(eps), dx, dstyle, None, None,
+                                              layout_name(layout), call.stream)
     return dx, dstyle

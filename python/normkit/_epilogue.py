@@ -122,3 +122,10 @@ def results(y, scales=None, sum_=None, stats=()):
         parts.append(sum_)
     parts.extend(stats)
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def no_cuda_epilogue(x, activation, quantize, scale):
+    """The CUDA backend has no fused store stage: a CUDA x with any of them is a ValueError."""
+    if activation is not None or quantize is not None or scale is not None:
+        raise ValueError("activation: the CUDA backend has no fused store stage yet (activation, quantize and scale "
+                         "are for CPU arrays)")

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _ext
 from ._dtypes import FLOAT32, as_input, as_int, is_16bit, is_bf16, kernel_view
-from ._functional import _eps
+from ._args import as_eps
 
 __all__ = ["fold_batch_norm"]
 
@@ -82,7 +82,7 @@ def fold_batch_norm(weight, bias, running_mean, running_var, eps, bn_weight, bn_
     running_var = _vector(running_var, "running_var", dtype, wide)
     bn_weight = _vector(bn_weight, "bn_weight", dtype, wide)
     bn_bias = _vector(bn_bias, "bn_bias", dtype, wide)
-    eps = _eps(eps)
+    eps = as_eps(eps)
     transpose = bool(transpose)
     groups = as_int(groups, "groups")
     folded_weight, folded_bias = new_outputs(weight, transpose, groups)

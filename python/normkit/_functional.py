@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
-import operator
 
 import numpy as np
 
 from . import _cuda, _ext
 from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_bf16, kernel_view, stats_dtype
-from ._epilogue import PLAIN, parse, quantized_output, results
+from ._args import as_eps
+from ._epilogue import PLAIN, no_cuda_epilogue, parse, quantized_output, results
+from ._inputs import rows_input
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
-
-
-def _normalized_shape(normalized_shape) -> tuple:
-    if type(normalized_shape) is int:  # the common case, fast
-        return (normalized_shape,)
-    try:
-        if isinstance(normalized_shape, (tuple, list)):
-            shape = tuple(operator.index(d) for d in normalized_shape)
-        else:
-            shape = (operator.index(normalized_shape),)
-    except TypeError:
-        raise TypeError(
-            f"normalized_shape: expected an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
-    if not shape:
-        raise ValueError("normalized_shape: must name at least one dimension")
-    return shape
-
-
-def _eps(eps) -> float:
-    if not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a real number, got {eps!r}")
-    return float(eps)
-
-
-def _rows_input(x, normalized_shape):
-    """Checks x against normalized_shape; copies x once if the kernels cannot view it."""
-    x = as_input(x, "x")
-    shape = _normalized_shape(normalized_shape)
-    k = len(shape)
-    if x.ndim < k or x.shape[x.ndim - k :] != shape:
-        raise ValueError(
-            f"normalized_shape: {shape} does not match the trailing dims of x, whose shape is {x.shape}"
-        )
-    bf16 = is_bf16(x.dtype)
-    given = x
-    if not x.flags.c_contiguous and not _ext.rows_viewable(kernel_view(x), k, bf16):
-        # The normalized dims must be dense and the leading ones collapse to one
-        # stride; anything else is copied once, here.
-        x = np.ascontiguousarray(x)
-    return x, shape, bf16, given
 
 
 def _output(out, x, k, given, epilogue=PLAIN):
@@ -74,12 +33,6 @@ def _output(out, x, k, given, epilogue=PLAIN):
     return out, None
 
 
-def _no_cuda_epilogue(x, activation, quantize, scale):
-    if activation is not None or quantize is not None or scale is not None:
-        raise ValueError("activation: the CUDA backend has no fused store stage yet (activation, quantize and scale "
-                         "are for CPU arrays)")
-
-
 def _stats_shape(x, k):
     return x.shape[: x.ndim - k] + (1,) * k
 
@@ -96,13 +49,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activat
     ``x.shape[:-k] + (1,)*k``, float32 for 16-bit ``x``). ``out`` may be ``x`` itself.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, quantize, scale)
+        no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.layer_norm(x, normalized_shape, weight, bias, eps, out, return_stats, stream)
     ep = parse(activation, quantize, scale)
-    x, shape, bf16, given = _rows_input(x, normalized_shape)
+    x, shape, bf16, given = rows_input(x, normalized_shape)
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
-    eps = _eps(eps)
+    eps = as_eps(eps)
     y, copy_to = _output(out, x, len(shape), given, ep)
     mean = rstd = None
     if return_stats:
@@ -136,13 +89,13 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, activation=None, qua
     dynamic scales, then ``rstd`` with ``return_stats=True``.
     """
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
-        _no_cuda_epilogue(x, activation, quantize, scale)
+        no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.rms_norm(x, normalized_shape, weight, eps, out, return_stats, stream)
     ep = parse(activation, quantize, scale)
-    x, shape, bf16, given = _rows_input(x, normalized_shape)
+    x, shape, bf16, given = rows_input(x, normalized_shape)
     if weight is not None:
         (weight,) = as_params(x.dtype, (weight, "weight"))
-    eps = None if eps is None else _eps(eps)
+    eps = None if eps is None else as_eps(eps)
     y, copy_to = _output(out, x, len(shape), given, ep)
     rstd = None
     if return_stats:
@@ -172,7 +125,7 @@ def _add_rows_norm(rms, x, residual, normalized_shape, weight, bias, eps, residu
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         raise ValueError(f"x: {name} takes CPU arrays (the CUDA backend has no fused forms yet)")
     ep = parse(activation, quantize, scale)
-    x, shape, bf16, given = _rows_input(x, normalized_shape)
+    x, shape, bf16, given = rows_input(x, normalized_shape)
     k = len(shape)
     residual = as_input(residual, "residual")
     if residual.dtype != x.dtype:
@@ -183,7 +136,7 @@ def _add_rows_norm(rms, x, residual, normalized_shape, weight, bias, eps, residu
         weight, bias, residual_bias = as_params(
             x.dtype, (weight, "weight"), (bias, "bias"), (residual_bias, "residual_bias")
         )
-    eps = None if eps is None else _eps(eps)
+    eps = None if eps is None else as_eps(eps)
     y, copy_to = _output(out, x, k, given, ep)
     if sum_out is None:
         s, sum_copy_to = empty(x.shape, x.dtype), None

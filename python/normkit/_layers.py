@@ -43,12 +43,11 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._layouts import Layout, layout_name
+from ._args import Layout, as_eps, as_normalized_shape, layout_name
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, as_int, empty, is_bf16
 from ._epilogue import ACTIVATIONS
 from ._epilogue import parse as parse_epilogue
 from ._fold import new_outputs, prepare_weight
-from ._functional import _eps, _normalized_shape
 from ._moments import Moments, merge_moments, moments
 
 __all__ = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "recalibrate_batch_norm"]
@@ -361,7 +360,7 @@ class _RunningNorm(_Layer):
         base.__init__(
             self,
             as_int(num_features, "num_features"),
-            _eps(eps),
+            as_eps(eps),
             _optional_real(momentum, "momentum"),
             bool(affine),
             bool(track_running_stats),
@@ -479,7 +478,7 @@ class GroupNorm(_Layer, _ext._GroupNorm):
             self,
             as_int(num_groups, "num_groups"),
             as_int(num_channels, "num_channels"),
-            _eps(eps),
+            as_eps(eps),
             bool(affine),
             layout_name(layout),
             _dtype_name(dtype),
@@ -505,7 +504,7 @@ class LayerNorm(_Layer, _ext._LayerNorm):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,
                  activation=None):
         _ext._LayerNorm.__init__(
-            self, list(_normalized_shape(normalized_shape)), _eps(eps), bool(elementwise_affine), bool(bias),
+            self, list(as_normalized_shape(normalized_shape)), as_eps(eps), bool(elementwise_affine), bool(bias),
             _dtype_name(dtype))
         self._set_activation_name(activation)
         self._saved_x = None
@@ -535,7 +534,7 @@ class RMSNorm(_Layer, _ext._RMSNorm):
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, activation=None):
         _ext._RMSNorm.__init__(
-            self, list(_normalized_shape(normalized_shape)), None if eps is None else _eps(eps),
+            self, list(as_normalized_shape(normalized_shape)), None if eps is None else as_eps(eps),
             bool(elementwise_affine), _dtype_name(dtype))
         self._set_activation_name(activation)
         self._saved_x = None

@@ -21,8 +21,8 @@ import numpy as np
 
 from . import _ext
 from ._dtypes import as_input, is_bf16, kernel_view
-from ._functional import _eps, _rows_input
-from ._layouts import layout_name
+from ._args import as_eps, layout_name
+from ._inputs import rows_input
 
 __all__ = ["Moments", "moments", "merge_moments"]
 
@@ -70,7 +70,7 @@ class Moments:
 
     def rstd(self, eps: float = 1e-5) -> np.ndarray:
         """``1 / sqrt(var() + eps)``: what the norms normalize with."""
-        eps = _eps(eps)
+        eps = as_eps(eps)
         if not eps >= 0 or not np.isfinite(eps):
             raise ValueError(f"eps: must be finite and >= 0, got {eps}")
         return 1.0 / np.sqrt(self.var(0) + eps)
@@ -126,7 +126,7 @@ def moments(x, *, norm="batch", layout=None, num_groups=None, normalized_shape=N
             raise ValueError("normalized_shape: required for norm='layer'")
         if layout is not None:
             raise ValueError("layout: not used with norm='layer' (it normalizes the trailing dims)")
-        x, shape, _, _ = _rows_input(x, normalized_shape)
+        x, shape, _, _ = rows_input(x, normalized_shape)
     else:
         if normalized_shape is not None:
             raise ValueError(f"normalized_shape: only used with norm='layer', got norm={norm!r}")

@@ -26,7 +26,8 @@ import numpy as np
 import types
 
 from ._backward import batch_norm_backward, batch_norm_grad_sums
-from ._channels import _n_c, batch_norm
+from ._args import batch_and_channels
+from ._channels import batch_norm
 from ._cuda import reject_device_array
 from ._dtypes import as_input, is_16bit
 from ._layers import BatchNorm
@@ -108,7 +109,7 @@ class SyncBatchNorm(BatchNorm):
         if x.dtype != self.dtype and not (self._dtype_name == "float32" and is_16bit(x.dtype)):
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's {self._dtype_name} (x must have the "
                             "layer's dtype, or be float16/bfloat16 with a float32 layer)")
-        channels = _n_c(x, self._layout_name)[1]
+        channels = batch_and_channels(x, self._layout_name)[1]
         if x.ndim >= 2 and channels != self.num_features and (self.affine or self.track_running_stats):
             raise ValueError(f"x: expected {self.num_features} channels (num_features), got {channels} in shape "
                              f"{x.shape}")
