@@ -73,15 +73,7 @@ void expect_close(const std::vector<double>& got, const std::vector<double>& wan
 
 using nk_test::expect_error;
 
-class BackwardOnPath : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    const auto supported = nk::runtime_info().kernel_paths_supported;
-    if (std::find(supported.begin(), supported.end(), GetParam()) == supported.end())
-      GTEST_SKIP() << GetParam() << " is not supported on this CPU";
-    nk::set_kernel_path(GetParam());
-  }
-};
+class BackwardOnPath : public nk_test::KernelPathTest {};
 
 TEST_P(BackwardOnPath, LayerNormAndRmsNormMatchFiniteDifferences) {
   const int64_t rows = 5, cols = 19;
@@ -271,12 +263,13 @@ TEST_P(BackwardOnPath, InPlaceGradientsMatchOutOfPlace) {
   check_in_place_matches_out_of_place<float>();
 }
 
-INSTANTIATE_TEST_SUITE_P(Paths, BackwardOnPath, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const auto& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(BackwardOnPath);
 
 // float32 gradients against float64 ones on data with a large mean (the saved
 // float32 mean is rounded; the backward recentres on the exact mean).
-TEST(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
+class Backward : public nk_test::KernelPathTest {};
+
+TEST_P(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
   const int64_t rows = 8, cols = 1000;
   auto xd = random_vector(rows * cols, 21, 1e4, 1e-2), dyd = random_vector(rows * cols, 22);
   auto wd = random_vector(cols, 23);
@@ -302,7 +295,7 @@ TEST(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
 }
 
 // Fixed blocks merged in a fixed order: the same bits for 1 and 2 threads.
-TEST(Backward, GradientsDoNotDependOnTheThreadCount) {
+TEST_P(Backward, GradientsDoNotDependOnTheThreadCount) {
   const int64_t rows = 2048, cols = 384, n = 8, c = 32, s = 1024;
   auto xd = random_vector(rows * cols, 31), dyd = random_vector(rows * cols, 32), wd = random_vector(cols, 33);
   std::vector<float> x(xd.begin(), xd.end()), dy(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
@@ -350,7 +343,9 @@ TEST(Backward, GradientsDoNotDependOnTheThreadCount) {
 
 // An output may be x (or dx may be dy) itself, and nothing else it shares
 // memory with: one buffer carved into views that overlap where they must not.
-TEST(Aliasing, OutputsSharingMemoryWithOtherArgumentsAreErrors) {
+class Aliasing : public nk_test::KernelPathTest {};
+
+TEST_P(Aliasing, OutputsSharingMemoryWithOtherArgumentsAreErrors) {
   const int64_t n = 2, c = 4, s = 3;
   std::vector<double> buf(400, 0.5);
   for (size_t i = 0; i < buf.size(); ++i) buf[i] = 0.5 + 0.01 * double(i % 17);
@@ -395,7 +390,7 @@ TEST(Aliasing, OutputsSharingMemoryWithOtherArgumentsAreErrors) {
   EXPECT_NO_THROW(nk::batch_norm_backward(dy, x, view(mc, {c}), view(rc, {c}), {}, dy, {}, {}, true, nk::Layout::NCL));
 }
 
-TEST(Backward, BadArgumentsAreErrorsNamingThem) {
+TEST_P(Backward, BadArgumentsAreErrorsNamingThem) {
   std::vector<double> x(12, 1.0), dy(12, 1.0), dx(12), mean(3), rstd(3, 1.0), mean4(4), rstd4(4, 1.0), small(2);
   const nk::Dims shape{3, 4};
   expect_error([&] {
@@ -422,5 +417,8 @@ TEST(Backward, BadArgumentsAreErrorsNamingThem) {
                             nk::TensorView<double>(dy.data() + 1, {3, 4}));
   }, "dx:");
 }
+
+NK_TEST_ON_EVERY_PATH(Aliasing);
+NK_TEST_ON_EVERY_PATH(Backward);
 
 }  // namespace

@@ -194,8 +194,7 @@ TEST_P(ChannelNorms, LargeMeanSmallSpreadNormalizesToUnitVariance) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, ChannelNorms, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const auto& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(ChannelNorms);
 
 // Bad input: normkit::Error of the right kind, message naming the argument.
 template <class F>
@@ -209,7 +208,9 @@ void expect_error(F&& f, nk::ErrorKind kind, const std::string& argument) {
   }
 }
 
-TEST(ChannelErrors, NameTheArgument) {
+class ChannelErrors : public nk_test::KernelPathTest {};
+
+TEST_P(ChannelErrors, NameTheArgument) {
   std::vector<float> x(2 * 4 * 3), y(x.size()), rm(4), rv(4, 1.0f), short_stat(3);
   std::vector<int> unused;
   const nk::TensorView<const float> xv(x.data(), {2, 4, 3});
@@ -249,5 +250,7 @@ TEST(ChannelErrors, NameTheArgument) {
   expect_error([&] { nk::group_norm(xv, nk::TensorView<float>(ybad.data(), {2, 4, 4}), 2); }, K::value, "y");
   EXPECT_THROW(nk::parse_layout("NHCW"), nk::Error);
 }
+
+NK_TEST_ON_EVERY_PATH(ChannelErrors);
 
 }  // namespace

@@ -1340,12 +1340,15 @@ TEST_F(FusedErrors, StatisticsAndWeightsApartFromSum) {
                       "sum"));
 }
 
-TEST(FusedApi, QuantizeMax) {
+class FusedApi : public nk_test::KernelPathTest {};
+
+TEST_P(FusedApi, QuantizeMax) {
   EXPECT_EQ(nk::quantize_max(Quant::int8), 127.0);
   EXPECT_EQ(nk::quantize_max(Quant::float8_e4m3), 448.0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, Fused, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(Fused);
+
+NK_TEST_ON_EVERY_PATH(FusedApi);
 
 }  // namespace

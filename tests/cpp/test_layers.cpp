@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
+#include "test_support.hpp"
 
 namespace nk = normkit;
 using std::int64_t;
@@ -161,7 +162,9 @@ constexpr double kTol32 = 2e-5;  // float32 outputs against the float64 referenc
 // Buffer
 // ---------------------------------------------------------------------------
 
-TEST(LayerBuffer, ConstructFillAssignAdd) {
+class LayerBuffer : public nk_test::KernelPathTest {};
+
+TEST_P(LayerBuffer, ConstructFillAssignAdd) {
   nk::Buffer b(nk::DType::float32, {2, 3}, 1.5);
   EXPECT_TRUE(b.defined());
   EXPECT_EQ(b.numel(), 6);
@@ -189,7 +192,7 @@ TEST(LayerBuffer, ConstructFillAssignAdd) {
   EXPECT_EQ(nk::Buffer().numel(), 0);
 }
 
-TEST(LayerBuffer, AssignShapeErrorNamesArgument) {
+TEST_P(LayerBuffer, AssignShapeErrorNamesArgument) {
   nk::LayerNorm ln({768});
   std::vector<float> three(3, 1.0f);
   const std::string msg = error_of([&] { ln.weight().assign(nk::TensorView<float>(three.data(), {3}), "weight"); });
@@ -211,7 +214,9 @@ TEST(LayerBuffer, AssignShapeErrorNamesArgument) {
 // Construction: defaults and argument errors
 // ---------------------------------------------------------------------------
 
-TEST(LayerConstruct, DefaultsAsPyTorch) {
+class LayerConstruct : public nk_test::KernelPathTest {};
+
+TEST_P(LayerConstruct, DefaultsAsPyTorch) {
   nk::BatchNorm bn(4);
   EXPECT_TRUE(bn.training());
   EXPECT_EQ(bn.eps(), 1e-5);
@@ -256,7 +261,7 @@ TEST(LayerConstruct, DefaultsAsPyTorch) {
   EXPECT_EQ(gn.layout(), std::optional<nk::Layout>(nk::Layout::NHWC));
 }
 
-TEST(LayerConstruct, ArgumentErrors) {
+TEST_P(LayerConstruct, ArgumentErrors) {
   auto has = [](const std::string& msg, const char* part) { return msg.find(part) != std::string::npos; };
   EXPECT_TRUE(has(error_of([] { nk::BatchNorm(0); }), "num_features"));
   EXPECT_TRUE(has(error_of([] { nk::InstanceNorm(-2); }), "num_features"));
@@ -282,7 +287,9 @@ TEST(LayerConstruct, ArgumentErrors) {
 // Forward against the reference
 // ---------------------------------------------------------------------------
 
-TEST(LayerForward, LayerNormWithAssignedParameters) {
+class LayerForward : public nk_test::KernelPathTest {};
+
+TEST_P(LayerForward, LayerNormWithAssignedParameters) {
   const int64_t rows = 6, d = 40;
   const auto xv = randn(rows * d, 1, 3.0, 2.0);
   auto w = randn(d, 2), b = randn(d, 3);
@@ -303,7 +310,7 @@ TEST(LayerForward, LayerNormWithAssignedParameters) {
   expect_close(y2.data, r.y, kTol32, "y (eval)");
 }
 
-TEST(LayerForward, RMSNormMachineEpsilonAndExplicitEps) {
+TEST_P(LayerForward, RMSNormMachineEpsilonAndExplicitEps) {
   const int64_t rows = 5, d = 16;
   auto xv = randn(rows * d, 4, 0.0, 1e-3);  // small values: eps matters
   auto w = randn(d, 5);
@@ -321,7 +328,7 @@ TEST(LayerForward, RMSNormMachineEpsilonAndExplicitEps) {
   }
 }
 
-TEST(LayerForward, GroupNormBothLayouts) {
+TEST_P(LayerForward, GroupNormBothLayouts) {
   const Ncs g{3, 6, 10};
   const int64_t groups = 3;
   const auto xv = randn(g.n * g.c * g.s, 6, -1.0, 4.0);
@@ -369,7 +376,9 @@ void update_reference(std::vector<double>& rm, std::vector<double>& rv, const st
   }
 }
 
-TEST(LayerBatchNorm, RunningStatisticsMomentumAndCumulative) {
+class LayerBatchNorm : public nk_test::KernelPathTest {};
+
+TEST_P(LayerBatchNorm, RunningStatisticsMomentumAndCumulative) {
   const Ncs g{4, 3, 5};
   for (const std::optional<double> momentum : {std::optional<double>(0.1), std::optional<double>()}) {
     const std::string what = momentum ? "momentum 0.1" : "cumulative";
@@ -409,7 +418,7 @@ TEST(LayerBatchNorm, RunningStatisticsMomentumAndCumulative) {
   }
 }
 
-TEST(LayerBatchNorm, WithoutTrackingUsesBatchStatisticsInEval) {
+TEST_P(LayerBatchNorm, WithoutTrackingUsesBatchStatisticsInEval) {
   const Ncs g{2, 3, 4};
   nk::BatchNorm bn(g.c, 1e-5, 0.1, /*affine=*/false, /*track_running_stats=*/false);
   EXPECT_FALSE(bn.running_mean().defined());
@@ -426,7 +435,7 @@ TEST(LayerBatchNorm, WithoutTrackingUsesBatchStatisticsInEval) {
   expect_close(y.data, r.y, 1e-12, "y (float64, eval, batch statistics)");
 }
 
-TEST(LayerBatchNorm, ChannelsLastAndChannelCheck) {
+TEST_P(LayerBatchNorm, ChannelsLastAndChannelCheck) {
   const Ncs g{3, 4, 6};
   const auto xv = randn(g.n * g.c * g.s, 11);
   std::vector<double> xl(xv.size());
@@ -456,7 +465,9 @@ TEST(LayerBatchNorm, ChannelsLastAndChannelCheck) {
   expect_close(bn1.running_mean(), std::vector<double>(g.c, 0.0), 0, "running_mean untouched");
 }
 
-TEST(LayerInstanceNorm, ForwardAndRunningStatisticsAsPyTorch) {
+class LayerInstanceNorm : public nk_test::KernelPathTest {};
+
+TEST_P(LayerInstanceNorm, ForwardAndRunningStatisticsAsPyTorch) {
   const Ncs g{3, 4, 7};
   auto w = randn(g.c, 21), b = randn(g.c, 22);
   nk::InstanceNorm in(g.c, 1e-5, 0.1, /*affine=*/true, /*track_running_stats=*/true);
@@ -519,7 +530,9 @@ TEST(LayerInstanceNorm, ForwardAndRunningStatisticsAsPyTorch) {
 // dtypes
 // ---------------------------------------------------------------------------
 
-TEST(LayerDtype, SixteenBitInputWithFloat32LayerAndDtypeMismatch) {
+class LayerDtype : public nk_test::KernelPathTest {};
+
+TEST_P(LayerDtype, SixteenBitInputWithFloat32LayerAndDtypeMismatch) {
   const int64_t rows = 4, d = 32;
   const auto xv = randn(rows * d, 50, 1.0, 2.0);
   std::vector<nk::half> xh(xv.size()), yh(xv.size());
@@ -554,7 +567,7 @@ TEST(LayerDtype, SixteenBitInputWithFloat32LayerAndDtypeMismatch) {
   expect_close(got, r.y, 2e-3, "y (float16 layer)");
 }
 
-TEST(LayerDtype, BFloat16InputWithFloat32LayerStatisticsAndGradients) {
+TEST_P(LayerDtype, BFloat16InputWithFloat32LayerStatisticsAndGradients) {
   // BatchNorm: float32 running statistics from bfloat16 x.
   const Ncs g{4, 3, 8};
   auto xv = randn(g.n * g.c * g.s, 55, 1.0, 2.0);
@@ -600,7 +613,9 @@ TEST(LayerDtype, BFloat16InputWithFloat32LayerStatisticsAndGradients) {
 // Saved state and backward
 // ---------------------------------------------------------------------------
 
-TEST(LayerBackward, WithoutForwardThrows) {
+class LayerBackward : public nk_test::KernelPathTest {};
+
+TEST_P(LayerBackward, WithoutForwardThrows) {
   const int64_t d = 8;
   Array<float> x(randn(2 * d, 60), {2, d}), y({2, d}), dx({2, d});
   nk::LayerNorm ln({d});
@@ -651,7 +666,7 @@ void bind(GradCase& c, L& layer) {
   c.zero_grad = [&layer] { layer.zero_grad(); };
 }
 
-TEST(LayerBackward, GradientsAccumulateAndZeroGradClears) {
+TEST_P(LayerBackward, GradientsAccumulateAndZeroGradClears) {
   const Ncs g{3, 4, 6};
   const int64_t count = g.n * g.c * g.s;
   const auto xv = randn(count, 70, 0.5, 2.0);
@@ -727,7 +742,7 @@ TEST(LayerBackward, GradientsAccumulateAndZeroGradClears) {
   }
 }
 
-TEST(LayerBackward, BadDyKeepsSavedStateAndBatchSizeChanges) {
+TEST_P(LayerBackward, BadDyKeepsSavedStateAndBatchSizeChanges) {
   const int64_t d = 12;
   nk::LayerNorm ln({d});
   auto wr = randn(d, 80);
@@ -752,5 +767,13 @@ TEST(LayerBackward, BadDyKeepsSavedStateAndBatchSizeChanges) {
     expect_close(ln.grad_bias(), r.dbias, 1e-4, "grad_bias, rows " + std::to_string(rows));
   }
 }
+
+NK_TEST_ON_EVERY_PATH(LayerBackward);
+NK_TEST_ON_EVERY_PATH(LayerBatchNorm);
+NK_TEST_ON_EVERY_PATH(LayerBuffer);
+NK_TEST_ON_EVERY_PATH(LayerConstruct);
+NK_TEST_ON_EVERY_PATH(LayerDtype);
+NK_TEST_ON_EVERY_PATH(LayerForward);
+NK_TEST_ON_EVERY_PATH(LayerInstanceNorm);
 
 }  // namespace

@@ -105,7 +105,9 @@ TEST_P(Moments, PerSampleAndLayerMoments) {
   check(layer, c * s);
 }
 
-TEST(MomentsMerge, EmptyPartsAreExactAndShapesMustAgree) {
+class MomentsMerge : public nk_test::KernelPathTest {};
+
+TEST_P(MomentsMerge, EmptyPartsAreExactAndShapesMustAgree) {
   nk::Moments a;
   a.shape = nk::Dims{2};
   a.count = 5;
@@ -187,7 +189,9 @@ TEST_P(Moments, ShardedBatchNormEqualsTheWholeBatch) {
   }
 }
 
-TEST(MomentsErrors, GivenStatisticsAndSums) {
+class MomentsErrors : public nk_test::KernelPathTest {};
+
+TEST_P(MomentsErrors, GivenStatisticsAndSums) {
   const int64_t n = 2, c = 3, s = 4;
   std::vector<float> x(n * c * s, 1.f), y(x.size()), dx(x.size());
   const nk::TensorView<const float> xv(x.data(), {n, c, s});
@@ -216,7 +220,9 @@ TEST(MomentsErrors, GivenStatisticsAndSums) {
                         "mean");
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, Moments, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const auto& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(Moments);
+
+NK_TEST_ON_EVERY_PATH(MomentsErrors);
+NK_TEST_ON_EVERY_PATH(MomentsMerge);
 
 }  // namespace

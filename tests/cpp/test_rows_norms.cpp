@@ -554,8 +554,7 @@ TEST_P(PerPath, ConcurrentCallsFromCallerThreads) {
     EXPECT_TRUE(all_close("y", rows * cols, [&](int64_t k) { return double(out[k]); }, ref.y, output_tol<float>()));
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, PerPath, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(PerPath);
 
 // ---------------------------------------------------------------------------
 // Errors: one normkit::Error per mistake, of the right kind, whose message

@@ -251,9 +251,19 @@ std::vector<T> to_first(const std::vector<T>& a, int64_t n, int64_t c, int64_t s
 }
 
 // ---------------------------------------------------------------------------
-// Fixture: one instance per kernel path ("scalar", "avx2", "avx512"; a path
-// this CPU or build lacks is skipped). Restores the path and thread count.
+// Fixture: one instance per kernel path compiled in (the runtime's list, as
+// Highway runs every test on every target); a path this CPU lacks is skipped
+// with a message saying it was NOT TESTED. Restores the path and thread count.
+// Use:  class MySuite : public nk_test::KernelPathTest {};  TEST_P(MySuite, ...)
+//       NK_TEST_ON_EVERY_PATH(MySuite);
 // ---------------------------------------------------------------------------
+
+// The kernel paths this build compiled (read when the tests are registered, after main starts).
+inline std::vector<std::string> compiled_paths() { return nk::runtime_info().kernel_paths_compiled; }
+
+#define NK_TEST_ON_EVERY_PATH(Suite)                                                      \
+  INSTANTIATE_TEST_SUITE_P(Paths, Suite, ::testing::ValuesIn(::nk_test::compiled_paths()), \
+                           [](const auto& info) { return info.param; })
 
 inline bool path_supported(const std::string& path) {
   const auto supported = nk::runtime_info().kernel_paths_supported;
@@ -264,7 +274,7 @@ class KernelPathTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     if (!path_supported(GetParam()))
-      GTEST_SKIP() << "kernel path " << GetParam() << " is not compiled in or not supported by this CPU";
+      GTEST_SKIP() << "kernel path " << GetParam() << " NOT TESTED: this CPU does not support it";
     saved_path_ = nk::kernel_path();
     saved_threads_ = nk::get_num_threads();
     nk::set_kernel_path(GetParam());
