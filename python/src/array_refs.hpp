@@ -92,6 +92,32 @@ inline std::optional<normkit::Layout> to_layout(const std::optional<std::string>
   return normkit::parse_layout(*name, "layout");
 }
 
+// The arguments of the running-statistics norms (batch_norm, instance_norm,
+// batch_norm_with_stats) as views; errors about y name it "out".
+struct RunningNormRefs {
+  normkit::TensorRef x, y, running_mean, running_var, weight, bias, mean, rstd;
+  normkit::Epilogue epilogue;
+  std::optional<normkit::Layout> layout;
+};
+inline RunningNormRefs running_norm_refs(const AnyArray& x, const AnyArray& y, const OptArray& running_mean,
+                                         const OptArray& running_var, const OptArray& weight, const OptArray& bias,
+                                         const std::optional<std::string>& layout, const OptArray& mean,
+                                         const OptArray& rstd, bool bf16, int activation, int quantize,
+                                         std::optional<double> scale) {
+  RunningNormRefs r;
+  r.x = to_ref(x, "x", bf16);
+  r.y = to_ref(y, "out", bf16, quantize == 2);
+  r.epilogue = to_epilogue(activation, quantize, scale, {});
+  r.running_mean = to_ref(running_mean, "running_mean", bf16);
+  r.running_var = to_ref(running_var, "running_var", bf16);
+  r.weight = to_ref(weight, "weight", bf16);
+  r.bias = to_ref(bias, "bias", bf16);
+  r.mean = to_ref(mean, "mean", false);
+  r.rstd = to_ref(rstd, "rstd", false);
+  r.layout = to_layout(layout);
+  return r;
+}
+
 // The C++ API calls its output `y`; the Python API calls it `out`. Errors about
 // it are renamed on the way out so that the message names the Python argument.
 template <class F>

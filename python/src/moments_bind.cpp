@@ -98,19 +98,18 @@ void bind_moments(nb::module_& m) {
 
   m.def(
       "batch_norm_with_stats",
-      [](AnyArray x, AnyArray y, std::vector<int64_t> stats_shape, int64_t count, F64Array stats_mean, F64Array stats_m2, OptArray running_mean,
-         OptArray running_var, OptArray weight, OptArray bias, double momentum, double eps,
+      [](AnyArray x, AnyArray y, std::vector<int64_t> stats_shape, int64_t count, F64Array stats_mean,
+         F64Array stats_m2, OptArray running_mean, OptArray running_var, OptArray weight, OptArray bias, double momentum, double eps,
          std::optional<std::string> layout, OptArray mean, OptArray rstd, bool bf16, int activation, int quantize,
          std::optional<double> scale) {
         const auto stats = from_parts(stats_shape, count, stats_mean, stats_m2);
-        const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
-        const auto e = to_epilogue(activation, quantize, scale, {});
-        const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
-        const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
-        const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
-        const auto lay = to_layout(layout);
-        KernelGilRelease release(xr.numel());
-        naming_out([&] { normkit::batch_norm_with_stats(xr, yr, stats, rm, rv, wr, br, momentum, eps, lay, mr, rr, e); });
+        const RunningNormRefs r = running_norm_refs(x, y, running_mean, running_var, weight, bias, layout, mean, rstd,
+                                                    bf16, activation, quantize, scale);
+        KernelGilRelease release(r.x.numel());
+        naming_out([&] {
+          normkit::batch_norm_with_stats(r.x, r.y, stats, r.running_mean, r.running_var, r.weight, r.bias, momentum,
+                                         eps, r.layout, r.mean, r.rstd, r.epilogue);
+        });
       },
       "x"_a, "y"_a, "stats_shape"_a, "count"_a, "stats_mean"_a, "stats_m2"_a, "running_mean"_a.none(), "running_var"_a.none(),
       "weight"_a.none(), "bias"_a.none(), "momentum"_a, "eps"_a, "layout"_a.none(), "mean"_a.none(),

@@ -120,14 +120,13 @@ NB_MODULE(_ext, m) {
     return [norm](AnyArray x, AnyArray y, OptArray running_mean, OptArray running_var, OptArray weight,
                   OptArray bias, bool flag, double momentum, double eps, std::optional<std::string> layout,
                   OptArray mean, OptArray rstd, bool bf16, int activation, int quantize, std::optional<double> scale) {
-      const auto xr = to_ref(x, "x", bf16), yr = to_ref(y, "out", bf16, quantize == 2);
-      const auto e = to_epilogue(activation, quantize, scale, {});
-      const auto rm = to_ref(running_mean, "running_mean", bf16), rv = to_ref(running_var, "running_var", bf16);
-      const auto wr = to_ref(weight, "weight", bf16), br = to_ref(bias, "bias", bf16);
-      const auto mr = to_ref(mean, "mean", false), rr = to_ref(rstd, "rstd", false);
-      const auto lay = to_layout(layout);
-      KernelGilRelease release(xr.numel());
-      naming_out([&] { norm(xr, yr, rm, rv, wr, br, flag, momentum, eps, lay, mr, rr, e); });
+      const RunningNormRefs r = running_norm_refs(x, y, running_mean, running_var, weight, bias, layout, mean, rstd,
+                                                  bf16, activation, quantize, scale);
+      KernelGilRelease release(r.x.numel());
+      naming_out([&] {
+        norm(r.x, r.y, r.running_mean, r.running_var, r.weight, r.bias, flag, momentum, eps, r.layout, r.mean, r.rstd,
+             r.epilogue);
+      });
     };
   };
   m.def("batch_norm", running_norm(&normkit::batch_norm), "x"_a, "y"_a, "running_mean"_a.none(),
