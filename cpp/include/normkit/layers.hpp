@@ -96,9 +96,26 @@ class Buffer {
   bool defined_ = false;
 };
 
-// What every layer shares: the training flag.
+// What every layer shares: the training flag, the activation, the parameters
+// and their gradients, and the protocol above, written once: forward drops what
+// was saved, runs the norm and (training mode, not in place) saves x, the
+// statistics and the pre-activation; backward needs that saved forward, runs the
+// norm's backward into scratch gradients, adds them to grad_weight/grad_bias and
+// drops the saved state. A norm's class says only its parameters, how many
+// statistics a forward of x saves, and which norm functions it calls.
 class NormLayer {
  public:
+  virtual ~NormLayer() = default;
+
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
+  void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
+  void zero_grad();
+
+  // The layer's dtype (its parameters, gradients and running statistics).
+  DType dtype() const { return dtype_; }
   // True in training mode (the default).
   bool training() const { return training_; }
   // Training mode (mode = true) or eval mode (false).
@@ -113,19 +130,57 @@ class NormLayer {
   void set_activation(Activation activation);
 
  protected:
+  // `dtype` is stored unchecked (each class checks its arguments in its own
+  // order); `saves_mean`: whether the saved statistics include a mean.
+  NormLayer(DType dtype, bool saves_mean) : dtype_(dtype), saves_mean_(saves_mean) {}
+  NormLayer(const NormLayer&) = default;
+  NormLayer(NormLayer&&) = default;
+  NormLayer& operator=(const NormLayer&) = default;
+  NormLayer& operator=(NormLayer&&) = default;
+
+  // Makes the weight (ones), the bias (zeros) and their gradients (zeros), of
+  // `shape` and the layer's dtype, each only when asked for (else undefined).
+  void init_parameters(const Dims& shape, bool weight, bool bias);
+  // The parameters and their gradients; public (weight(), bias(), ...) in the
+  // classes that have them, undefined when absent.
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+  Buffer weight_, bias_, grad_weight_, grad_bias_;
+
+ private:
+  // What each norm says. Checks x against the layer (its channel count) and
+  // returns how many statistics (mean and rstd each) a training-mode forward of
+  // x saves; -1 for an x the norm will reject (the forward then saves nothing
+  // and the norm names the error).
+  virtual std::int64_t saved_count(const TensorRef& x) const = 0;
+  // Runs the norm: y from x with the layer's parameters; mean and rstd given
+  // when the forward saves (else not given), `store` the store stage.
+  virtual void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                            const Epilogue& store) = 0;
+  // Runs the norm's backward: dx, and dweight/dbias (given when the parameter
+  // is), from dy (act'(z) already applied) and the saved x, mean and rstd.
+  virtual void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                             const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) = 0;
+
   // The store stage of a forward that saves nothing.
   Epilogue epilogue() const;
-  // Whether a training-mode forward has to keep z (then it runs the norm
-  // plain into y and calls activate_saved(y)).
-  bool keeps_preactivation() const { return activation_ != Activation::none; }
   // y holds z: saves it, then overwrites y with act(z).
   void activate_saved(const TensorRef& y);
   // dy itself, or dy * act'(z) (into a buffer of this layer) for the norm's backward.
   TensorRef activation_grad(const TensorRef& dy);
+  // Drops the saved forward.
+  void clear_saved();
 
+  DType dtype_;
+  bool saves_mean_;
   bool training_ = true;
   Activation activation_ = Activation::none;
-  Buffer saved_z_, scratch_dy_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;  // one backward's gradients, before they are added
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_, saved_z_, scratch_dy_;
+  bool has_saved_ = false;
 };
 
 // torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True).
@@ -133,35 +188,28 @@ class LayerNorm : public NormLayer {
  public:
   explicit LayerNorm(Dims normalized_shape, double eps = 1e-5, bool elementwise_affine = true, bool bias = true,
                      DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   double eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
-  DType dtype() const { return dtype_; }
   // Parameters and their gradients (shape normalized_shape, the layer's dtype);
   // undefined when absent (elementwise_affine=false, bias=false).
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                    const Epilogue& store) override;
+  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+
   Dims normalized_shape_;
   double eps_;
   bool elementwise_affine_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;  // one backward's gradients, before they are added
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool has_saved_ = false;
 };
 
 // torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True);
@@ -170,32 +218,25 @@ class RMSNorm : public NormLayer {
  public:
   explicit RMSNorm(Dims normalized_shape, std::optional<double> eps = std::nullopt, bool elementwise_affine = true,
                    DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   std::optional<double> eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
-  DType dtype() const { return dtype_; }
   // The weight and its gradient (undefined when elementwise_affine=false).
-  Buffer& weight() { return weight_; }
-  Buffer& grad_weight() { return grad_weight_; }
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                    const Epilogue& store) override;
+  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+
   Dims normalized_shape_;
   std::optional<double> eps_;
   bool elementwise_affine_;
-  DType dtype_;
-  Buffer weight_, grad_weight_;
-  Buffer scratch_grad_weight_;
-  TensorRef saved_x_;
-  Buffer saved_rstd_;
-  bool has_saved_ = false;
 };
 
 // torch.nn.BatchNorm1d/2d/3d in one class: BatchNorm(num_features, eps=1e-5,
@@ -214,12 +255,6 @@ class BatchNorm : public NormLayer {
   explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                      bool affine = true, bool track_running_stats = true,
                      std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
   // Folds this layer, in inference form, into the convolution or linear layer
   // before it: fold_batch_norm (normkit/fused.hpp) with the running statistics,
   // eps and (if affine) weight/bias as the BN arguments. C_out must be
@@ -235,31 +270,31 @@ class BatchNorm : public NormLayer {
   bool affine() const { return affine_; }
   bool track_running_stats() const { return track_running_stats_; }
   std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
   // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
   // Running statistics (C), undefined unless track_running_stats; the training-step count.
   Buffer& running_mean() { return running_mean_; }
   Buffer& running_var() { return running_var_; }
   std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                    const Epilogue& store) override;
+  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+
   std::int64_t num_features_;
   double eps_;
   std::optional<double> momentum_;
   bool affine_, track_running_stats_;
   std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
+  Buffer running_mean_, running_var_;
   std::int64_t num_batches_tracked_ = 0;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
   bool saved_training_stats_ = true;  // backward through batch statistics?
-  bool has_saved_ = false;
 };
 
 // torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
@@ -276,12 +311,6 @@ class InstanceNorm : public NormLayer {
   explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                         bool affine = false, bool track_running_stats = false,
                         std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   std::int64_t num_features() const { return num_features_; }
@@ -290,31 +319,31 @@ class InstanceNorm : public NormLayer {
   bool affine() const { return affine_; }
   bool track_running_stats() const { return track_running_stats_; }
   std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
   // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
   // Running statistics (C), undefined unless track_running_stats; the step count (never incremented here).
   Buffer& running_mean() { return running_mean_; }
   Buffer& running_var() { return running_var_; }
   std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                    const Epilogue& store) override;
+  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+
   std::int64_t num_features_;
   double eps_;
   std::optional<double> momentum_;
   bool affine_, track_running_stats_;
   std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
+  Buffer running_mean_, running_var_;
   std::int64_t num_batches_tracked_ = 0;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
   bool saved_input_stats_ = true;
-  bool has_saved_ = false;
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.
@@ -325,12 +354,6 @@ class GroupNorm : public NormLayer {
  public:
   GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true,
             std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   std::int64_t num_groups() const { return num_groups_; }
@@ -338,24 +361,23 @@ class GroupNorm : public NormLayer {
   double eps() const { return eps_; }
   bool affine() const { return affine_; }
   std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
   // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
+                    const Epilogue& store) override;
+  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
+                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+
   std::int64_t num_groups_, num_channels_;
   double eps_;
   bool affine_;
   std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool has_saved_ = false;
 };
 
 }  // namespace normkit
