@@ -239,6 +239,58 @@ class RMSNorm : public NormLayer {
   bool elementwise_affine_;
 };
 
+// What BatchNorm and InstanceNorm share: PyTorch's constructor arguments
+// (num_features, eps, momentum, affine, track_running_stats) plus layout, checked
+// alike; per-channel parameters (C); running statistics and num_batches_tracked;
+// the channel check of x; and whether a forward uses the input's statistics
+// (training, or not tracking) or the running ones.
+class RunningNorm : public NormLayer {
+ public:
+  // The constructor's arguments.
+  std::int64_t num_features() const { return num_features_; }
+  double eps() const { return eps_; }
+  std::optional<double> momentum() const { return momentum_; }
+  bool affine() const { return affine_; }
+  bool track_running_stats() const { return track_running_stats_; }
+  std::optional<Layout> layout() const { return layout_; }
+  // Parameters (C) and their gradients; undefined unless affine.
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
+  // Running statistics (C), undefined unless track_running_stats; the training-step
+  // count (BatchNorm counts it; InstanceNorm never increments it).
+  Buffer& running_mean() { return running_mean_; }
+  Buffer& running_var() { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+
+ protected:
+  // Checks the arguments (num_features, eps, momentum, dtype, layout, in that
+  // order) and makes the buffers. per_instance: statistics per (N, C) rather than (C).
+  RunningNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+              bool track_running_stats, std::optional<Layout> layout, DType dtype, bool per_instance);
+  // True when a forward now uses the input's statistics: training, or not tracking.
+  bool input_stats() const { return training() || !track_running_stats_; }
+  // The running statistics as the norm functions take them: not given unless tracked.
+  TensorRef running_mean_ref() const { return track_running_stats_ ? running_mean_.ref() : TensorRef{}; }
+  TensorRef running_var_ref() const { return track_running_stats_ ? running_var_.ref() : TensorRef{}; }
+
+  std::int64_t num_features_;
+  double eps_;
+  std::optional<double> momentum_;
+  bool affine_, track_running_stats_;
+  std::optional<Layout> layout_;
+  Buffer running_mean_, running_var_;
+  std::int64_t num_batches_tracked_ = 0;
+  bool saved_input_stats_ = true;  // backward through the input's statistics? (set by each forward)
+
+ private:
+  // Checks x's channel count (when the layer has per-channel buffers); C or N * C.
+  std::int64_t saved_count(const TensorRef& x) const override;
+
+  bool per_instance_;
+};
+
 // torch.nn.BatchNorm1d/2d/3d in one class: BatchNorm(num_features, eps=1e-5,
 // momentum=0.1, affine=True, track_running_stats=True, layout). The layout
 // defaults to the channels-first layout of x's rank (NC, NCL, NCHW, NCDHW).
@@ -250,7 +302,7 @@ class RMSNorm : public NormLayer {
 // batch ones. Saved statistics: (C). x's channel count must be num_features
 // when the layer has per-channel buffers (affine or track_running_stats);
 // without any, any channel count is accepted, as in PyTorch.
-class BatchNorm : public NormLayer {
+class BatchNorm : public RunningNorm {
  public:
   explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                      bool affine = true, bool track_running_stats = true,
@@ -263,38 +315,11 @@ class BatchNorm : public NormLayer {
   void fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
             const TensorRef& folded_bias, bool transpose = false, std::int64_t groups = 1) const;
 
-  // The constructor's arguments.
-  std::int64_t num_features() const { return num_features_; }
-  double eps() const { return eps_; }
-  std::optional<double> momentum() const { return momentum_; }
-  bool affine() const { return affine_; }
-  bool track_running_stats() const { return track_running_stats_; }
-  std::optional<Layout> layout() const { return layout_; }
-  // Parameters (C) and their gradients; undefined unless affine.
-  using NormLayer::bias;
-  using NormLayer::grad_bias;
-  using NormLayer::grad_weight;
-  using NormLayer::weight;
-  // Running statistics (C), undefined unless track_running_stats; the training-step count.
-  Buffer& running_mean() { return running_mean_; }
-  Buffer& running_var() { return running_var_; }
-  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
-
  private:
-  std::int64_t saved_count(const TensorRef& x) const override;
   void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
                     const Epilogue& store) override;
   void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
                      const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
-
-  std::int64_t num_features_;
-  double eps_;
-  std::optional<double> momentum_;
-  bool affine_, track_running_stats_;
-  std::optional<Layout> layout_;
-  Buffer running_mean_, running_var_;
-  std::int64_t num_batches_tracked_ = 0;
-  bool saved_training_stats_ = true;  // backward through batch statistics?
 };
 
 // torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
@@ -306,44 +331,17 @@ class BatchNorm : public NormLayer {
 // (PyTorch passes momentum 0.0 then); num_batches_tracked is kept for
 // state_dict compatibility but never incremented (PyTorch's InstanceNorm never
 // does). Saved statistics: (N, C). Channel count: as BatchNorm.
-class InstanceNorm : public NormLayer {
+class InstanceNorm : public RunningNorm {
  public:
   explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                         bool affine = false, bool track_running_stats = false,
                         std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
 
-  // The constructor's arguments.
-  std::int64_t num_features() const { return num_features_; }
-  double eps() const { return eps_; }
-  std::optional<double> momentum() const { return momentum_; }
-  bool affine() const { return affine_; }
-  bool track_running_stats() const { return track_running_stats_; }
-  std::optional<Layout> layout() const { return layout_; }
-  // Parameters (C) and their gradients; undefined unless affine.
-  using NormLayer::bias;
-  using NormLayer::grad_bias;
-  using NormLayer::grad_weight;
-  using NormLayer::weight;
-  // Running statistics (C), undefined unless track_running_stats; the step count (never incremented here).
-  Buffer& running_mean() { return running_mean_; }
-  Buffer& running_var() { return running_var_; }
-  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
-
  private:
-  std::int64_t saved_count(const TensorRef& x) const override;
   void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
                     const Epilogue& store) override;
   void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
                      const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
-
-  std::int64_t num_features_;
-  double eps_;
-  std::optional<double> momentum_;
-  bool affine_, track_running_stats_;
-  std::optional<Layout> layout_;
-  Buffer running_mean_, running_var_;
-  std::int64_t num_batches_tracked_ = 0;
-  bool saved_input_stats_ = true;
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.

@@ -389,61 +389,56 @@ void RMSNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
   rms_norm_backward(dy, x, rstd, normalized_shape_, weight_.ref(), dx, dweight);
 }
 
-// ---- BatchNorm ------------------------------------------------------------------
+// ---- RunningNorm (BatchNorm, InstanceNorm) --------------------------------------
 
-namespace {
-
-// What BatchNorm and InstanceNorm check of their constructor arguments.
-void check_running_layer(std::int64_t num_features, double eps, const std::optional<double>& momentum,
-                         const std::optional<Layout>& layout, DType dtype) {
-  check_positive(num_features, "num_features");
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_dtype(dtype);
-  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
-}
-
-}  // namespace
-
-BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
-                     bool track_running_stats, std::optional<Layout> layout, DType dtype)
+RunningNorm::RunningNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                         bool track_running_stats, std::optional<Layout> layout, DType dtype, bool per_instance)
     : NormLayer(dtype, /*saves_mean=*/true),
       num_features_(num_features),
       eps_(eps),
       momentum_(momentum),
       affine_(affine),
       track_running_stats_(track_running_stats),
-      layout_(layout) {
-  check_running_layer(num_features, eps, momentum, layout, dtype);
+      layout_(layout),
+      per_instance_(per_instance) {
+  check_positive(num_features, "num_features");
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_dtype(dtype);
+  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
   init_parameters(Dims{num_features}, affine, affine);
   running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
   running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
 }
 
-std::int64_t BatchNorm::saved_count(const TensorRef& x) const {
+std::int64_t RunningNorm::saved_count(const TensorRef& x) const {
   const plan::ChannelGeometry g = plan::channel_geometry(x, layout_);
   if (affine_ || track_running_stats_) check_channels(g.c, num_features_, "num_features", x);
-  return g.c;
+  return per_instance_ ? g.n * g.c : g.c;
 }
+
+// ---- BatchNorm ------------------------------------------------------------------
+
+BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                     bool track_running_stats, std::optional<Layout> layout, DType dtype)
+    : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/false) {}
 
 void BatchNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
                              const Epilogue& store) {
   // As torch.nn.BatchNorm: batch statistics in training or without running
   // statistics; running statistics updated only in training when tracked.
-  const bool batch_stats = training() || !track_running_stats_;
   const bool update = training() && track_running_stats_;
-  const TensorRef rm = track_running_stats_ ? running_mean_.ref() : TensorRef{};
-  const TensorRef rv = track_running_stats_ ? running_var_.ref() : TensorRef{};
   double factor = 0.0;
   if (update) factor = momentum_ ? *momentum_ : 1.0 / double(num_batches_tracked_ + 1);
-  batch_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), batch_stats, factor, eps_, layout_, mean, rstd, store);
+  saved_input_stats_ = input_stats();
+  batch_norm(x, y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_, factor,
+             eps_, layout_, mean, rstd, store);
   if (update) ++num_batches_tracked_;
-  saved_training_stats_ = batch_stats;  // read only by the backward of a saving forward
 }
 
 void BatchNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
                               const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) {
-  batch_norm_backward(dy, x, mean, rstd, weight_.ref(), dx, dweight, dbias, saved_training_stats_, layout_);
+  batch_norm_backward(dy, x, mean, rstd, weight_.ref(), dx, dweight, dbias, saved_input_stats_, layout_);
 }
 
 void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
@@ -472,35 +467,15 @@ void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const Tenso
 
 InstanceNorm::InstanceNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
                            bool track_running_stats, std::optional<Layout> layout, DType dtype)
-    : NormLayer(dtype, /*saves_mean=*/true),
-      num_features_(num_features),
-      eps_(eps),
-      momentum_(momentum),
-      affine_(affine),
-      track_running_stats_(track_running_stats),
-      layout_(layout) {
-  check_running_layer(num_features, eps, momentum, layout, dtype);
-  init_parameters(Dims{num_features}, affine, affine);
-  running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
-  running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
-}
-
-std::int64_t InstanceNorm::saved_count(const TensorRef& x) const {
-  const plan::ChannelGeometry g = plan::channel_geometry(x, layout_);
-  if (affine_ || track_running_stats_) check_channels(g.c, num_features_, "num_features", x);
-  return g.n * g.c;
-}
+    : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/true) {}
 
 void InstanceNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
                                 const Epilogue& store) {
   // As torch.nn.InstanceNorm*d: F.instance_norm(x, running_mean, running_var,
   // weight, bias, training or not track_running_stats, momentum or 0.0, eps).
-  const bool input_stats = training() || !track_running_stats_;
-  const TensorRef rm = track_running_stats_ ? running_mean_.ref() : TensorRef{};
-  const TensorRef rv = track_running_stats_ ? running_var_.ref() : TensorRef{};
-  const double factor = momentum_.value_or(0.0);
-  instance_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), input_stats, factor, eps_, layout_, mean, rstd, store);
-  saved_input_stats_ = input_stats;  // read only by the backward of a saving forward
+  saved_input_stats_ = input_stats();
+  instance_norm(x, y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_,
+                momentum_.value_or(0.0), eps_, layout_, mean, rstd, store);
 }
 
 void InstanceNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
