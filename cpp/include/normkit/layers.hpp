@@ -149,20 +149,29 @@ class NormLayer {
   Buffer& grad_bias() { return grad_bias_; }
   Buffer weight_, bias_, grad_weight_, grad_bias_;
 
+  // What the protocol hands a norm's forward: mean and rstd given when the
+  // forward saves (else not given); `store` the store stage (the activation
+  // when nothing is saved, else none: forward then activates y itself).
+  struct ForwardArgs {
+    const TensorRef &x, &y, &mean, &rstd;
+    const Epilogue& store;
+  };
+  // What it hands a norm's backward: dy with act'(z) applied, the saved x, mean
+  // and rstd, dx, and dweight/dbias (scratch, given when the parameter is).
+  struct BackwardArgs {
+    const TensorRef &dy, &x, &mean, &rstd, &dx, &dweight, &dbias;
+  };
+
  private:
   // What each norm says. Checks x against the layer (its channel count) and
   // returns how many statistics (mean and rstd each) a training-mode forward of
   // x saves; -1 for an x the norm will reject (the forward then saves nothing
   // and the norm names the error).
   virtual std::int64_t saved_count(const TensorRef& x) const = 0;
-  // Runs the norm: y from x with the layer's parameters; mean and rstd given
-  // when the forward saves (else not given), `store` the store stage.
-  virtual void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                            const Epilogue& store) = 0;
-  // Runs the norm's backward: dx, and dweight/dbias (given when the parameter
-  // is), from dy (act'(z) already applied) and the saved x, mean and rstd.
-  virtual void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                             const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) = 0;
+  // Runs the norm: y from x with the layer's parameters.
+  virtual void norm_forward(const ForwardArgs& a) = 0;
+  // Runs the norm's backward: dx, and dweight/dbias, from dy and the saved forward.
+  virtual void norm_backward(const BackwardArgs& a) = 0;
 
   // The store stage of a forward that saves nothing.
   Epilogue epilogue() const;
@@ -202,10 +211,8 @@ class LayerNorm : public NormLayer {
 
  private:
   std::int64_t saved_count(const TensorRef& x) const override;
-  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                    const Epilogue& store) override;
-  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 
   Dims normalized_shape_;
   double eps_;
@@ -229,10 +236,8 @@ class RMSNorm : public NormLayer {
 
  private:
   std::int64_t saved_count(const TensorRef& x) const override;
-  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                    const Epilogue& store) override;
-  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 
   Dims normalized_shape_;
   std::optional<double> eps_;
@@ -316,10 +321,8 @@ class BatchNorm : public RunningNorm {
             const TensorRef& folded_bias, bool transpose = false, std::int64_t groups = 1) const;
 
  private:
-  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                    const Epilogue& store) override;
-  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 };
 
 // torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
@@ -338,10 +341,8 @@ class InstanceNorm : public RunningNorm {
                         std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
 
  private:
-  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                    const Epilogue& store) override;
-  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.
@@ -367,10 +368,8 @@ class GroupNorm : public NormLayer {
 
  private:
   std::int64_t saved_count(const TensorRef& x) const override;
-  void norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                    const Epilogue& store) override;
-  void norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                     const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 
   std::int64_t num_groups_, num_channels_;
   double eps_;

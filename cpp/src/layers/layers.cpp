@@ -317,7 +317,7 @@ void NormLayer::forward(const TensorRef& x, const TensorRef& y) {
     rstd = stats_output(saved_rstd_, x.dtype, count);
   }
   // A saving forward runs the norm plain into y (then activates y itself, keeping z).
-  norm_forward(x, y, mean, rstd, keep ? Epilogue{} : epilogue());
+  norm_forward({x, y, mean, rstd, keep ? Epilogue{} : epilogue()});
   if (!keep) return;
   if (activation_ != Activation::none) activate_saved(y);
   saved_x_ = x;
@@ -328,7 +328,7 @@ void NormLayer::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), dx, dw, db);
+  norm_backward({activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), dx, dw, db});
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
   clear_saved();
@@ -354,14 +354,12 @@ LayerNorm::LayerNorm(Dims normalized_shape, double eps, bool elementwise_affine,
 
 std::int64_t LayerNorm::saved_count(const TensorRef& x) const { return leading_rows(x, normalized_shape_.size()); }
 
-void LayerNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                             const Epilogue& store) {
-  layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, mean, rstd, store);
+void LayerNorm::norm_forward(const ForwardArgs& a) {
+  layer_norm(a.x, a.y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, a.mean, a.rstd, a.store);
 }
 
-void LayerNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                              const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) {
-  layer_norm_backward(dy, x, mean, rstd, normalized_shape_, weight_.ref(), dx, dweight, dbias);
+void LayerNorm::norm_backward(const BackwardArgs& a) {
+  layer_norm_backward(a.dy, a.x, a.mean, a.rstd, normalized_shape_, weight_.ref(), a.dx, a.dweight, a.dbias);
 }
 
 // ---- RMSNorm --------------------------------------------------------------------
@@ -379,14 +377,12 @@ RMSNorm::RMSNorm(Dims normalized_shape, std::optional<double> eps, bool elementw
 
 std::int64_t RMSNorm::saved_count(const TensorRef& x) const { return leading_rows(x, normalized_shape_.size()); }
 
-void RMSNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef&, const TensorRef& rstd,
-                           const Epilogue& store) {
-  rms_norm(x, y, normalized_shape_, weight_.ref(), eps_, rstd, store);
+void RMSNorm::norm_forward(const ForwardArgs& a) {
+  rms_norm(a.x, a.y, normalized_shape_, weight_.ref(), eps_, a.rstd, a.store);
 }
 
-void RMSNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef&, const TensorRef& rstd,
-                            const TensorRef& dx, const TensorRef& dweight, const TensorRef&) {
-  rms_norm_backward(dy, x, rstd, normalized_shape_, weight_.ref(), dx, dweight);
+void RMSNorm::norm_backward(const BackwardArgs& a) {
+  rms_norm_backward(a.dy, a.x, a.rstd, normalized_shape_, weight_.ref(), a.dx, a.dweight);
 }
 
 // ---- RunningNorm (BatchNorm, InstanceNorm) --------------------------------------
@@ -423,22 +419,21 @@ BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double
                      bool track_running_stats, std::optional<Layout> layout, DType dtype)
     : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/false) {}
 
-void BatchNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                             const Epilogue& store) {
+void BatchNorm::norm_forward(const ForwardArgs& a) {
   // As torch.nn.BatchNorm: batch statistics in training or without running
   // statistics; running statistics updated only in training when tracked.
   const bool update = training() && track_running_stats_;
   double factor = 0.0;
   if (update) factor = momentum_ ? *momentum_ : 1.0 / double(num_batches_tracked_ + 1);
   saved_input_stats_ = input_stats();
-  batch_norm(x, y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_, factor,
-             eps_, layout_, mean, rstd, store);
+  batch_norm(a.x, a.y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_, factor,
+             eps_, layout_, a.mean, a.rstd, a.store);
   if (update) ++num_batches_tracked_;
 }
 
-void BatchNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                              const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) {
-  batch_norm_backward(dy, x, mean, rstd, weight_.ref(), dx, dweight, dbias, saved_input_stats_, layout_);
+void BatchNorm::norm_backward(const BackwardArgs& a) {
+  batch_norm_backward(a.dy, a.x, a.mean, a.rstd, weight_.ref(), a.dx, a.dweight, a.dbias, saved_input_stats_,
+                      layout_);
 }
 
 void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
@@ -469,19 +464,17 @@ InstanceNorm::InstanceNorm(std::int64_t num_features, double eps, std::optional<
                            bool track_running_stats, std::optional<Layout> layout, DType dtype)
     : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/true) {}
 
-void InstanceNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                                const Epilogue& store) {
+void InstanceNorm::norm_forward(const ForwardArgs& a) {
   // As torch.nn.InstanceNorm*d: F.instance_norm(x, running_mean, running_var,
   // weight, bias, training or not track_running_stats, momentum or 0.0, eps).
   saved_input_stats_ = input_stats();
-  instance_norm(x, y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_,
-                momentum_.value_or(0.0), eps_, layout_, mean, rstd, store);
+  instance_norm(a.x, a.y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_,
+                momentum_.value_or(0.0), eps_, layout_, a.mean, a.rstd, a.store);
 }
 
-void InstanceNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
-                                 const TensorRef& rstd, const TensorRef& dx, const TensorRef& dweight,
-                                 const TensorRef& dbias) {
-  instance_norm_backward(dy, x, mean, rstd, weight_.ref(), dx, dweight, dbias, saved_input_stats_, layout_);
+void InstanceNorm::norm_backward(const BackwardArgs& a) {
+  instance_norm_backward(a.dy, a.x, a.mean, a.rstd, weight_.ref(), a.dx, a.dweight, a.dbias, saved_input_stats_,
+                         layout_);
 }
 
 // ---- GroupNorm ------------------------------------------------------------------
@@ -511,14 +504,12 @@ std::int64_t GroupNorm::saved_count(const TensorRef& x) const {
   return g.n * num_groups_;
 }
 
-void GroupNorm::norm_forward(const TensorRef& x, const TensorRef& y, const TensorRef& mean, const TensorRef& rstd,
-                             const Epilogue& store) {
-  group_norm(x, y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, mean, rstd, store);
+void GroupNorm::norm_forward(const ForwardArgs& a) {
+  group_norm(a.x, a.y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, a.mean, a.rstd, a.store);
 }
 
-void GroupNorm::norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
-                              const TensorRef& dx, const TensorRef& dweight, const TensorRef& dbias) {
-  group_norm_backward(dy, x, mean, rstd, num_groups_, weight_.ref(), dx, dweight, dbias, layout_);
+void GroupNorm::norm_backward(const BackwardArgs& a) {
+  group_norm_backward(a.dy, a.x, a.mean, a.rstd, num_groups_, weight_.ref(), a.dx, a.dweight, a.dbias, layout_);
 }
 
 }  // namespace normkit
