@@ -96,9 +96,26 @@ class Buffer {
   bool defined_ = false;
 };
 
-// What every layer shares: the training flag.
+// What every layer shares: the training flag, the activation, the parameters
+// and their gradients, and the protocol above, written once: forward drops what
+// was saved, runs the norm and (training mode, not in place) saves x, the
+// statistics and the pre-activation; backward needs that saved forward, runs the
+// norm's backward into scratch gradients, adds them to grad_weight/grad_bias and
+// drops the saved state. A norm's class says only its parameters, how many
+// statistics a forward of x saves, and which norm functions it calls.
 class NormLayer {
  public:
+  virtual ~NormLayer() = default;
+
+  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
+  void forward(const TensorRef& x, const TensorRef& y);
+  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
+  void backward(const TensorRef& dy, const TensorRef& dx);
+  // Sets the parameter gradients to zero.
+  void zero_grad();
+
+  // The layer's dtype (its parameters, gradients and running statistics).
+  DType dtype() const { return dtype_; }
   // True in training mode (the default).
   bool training() const { return training_; }
   // Training mode (mode = true) or eval mode (false).
@@ -113,19 +130,66 @@ class NormLayer {
   void set_activation(Activation activation);
 
  protected:
+  // `dtype` is stored unchecked (each class checks its arguments in its own
+  // order); `saves_mean`: whether the saved statistics include a mean.
+  NormLayer(DType dtype, bool saves_mean) : dtype_(dtype), saves_mean_(saves_mean) {}
+  NormLayer(const NormLayer&) = default;
+  NormLayer(NormLayer&&) = default;
+  NormLayer& operator=(const NormLayer&) = default;
+  NormLayer& operator=(NormLayer&&) = default;
+
+  // Makes the weight (ones), the bias (zeros) and their gradients (zeros), of
+  // `shape` and the layer's dtype, each only when asked for (else undefined).
+  void init_parameters(const Dims& shape, bool weight, bool bias);
+  // The parameters and their gradients; public (weight(), bias(), ...) in the
+  // classes that have them, undefined when absent.
+  Buffer& weight() { return weight_; }
+  Buffer& bias() { return bias_; }
+  Buffer& grad_weight() { return grad_weight_; }
+  Buffer& grad_bias() { return grad_bias_; }
+  Buffer weight_, bias_, grad_weight_, grad_bias_;
+
+  // What the protocol hands a norm's forward: mean and rstd given when the
+  // forward saves (else not given); `store` the store stage (the activation
+  // when nothing is saved, else none: forward then activates y itself).
+  struct ForwardArgs {
+    const TensorRef &x, &y, &mean, &rstd;
+    const Epilogue& store;
+  };
+  // What it hands a norm's backward: dy with act'(z) applied, the saved x, mean
+  // and rstd, dx, and dweight/dbias (scratch, given when the parameter is).
+  struct BackwardArgs {
+    const TensorRef &dy, &x, &mean, &rstd, &dx, &dweight, &dbias;
+  };
+
+ private:
+  // What each norm says. Checks x against the layer (its channel count) and
+  // returns how many statistics (mean and rstd each) a training-mode forward of
+  // x saves; -1 for an x the norm will reject (the forward then saves nothing
+  // and the norm names the error).
+  virtual std::int64_t saved_count(const TensorRef& x) const = 0;
+  // Runs the norm: y from x with the layer's parameters.
+  virtual void norm_forward(const ForwardArgs& a) = 0;
+  // Runs the norm's backward: dx, and dweight/dbias, from dy and the saved forward.
+  virtual void norm_backward(const BackwardArgs& a) = 0;
+
   // The store stage of a forward that saves nothing.
   Epilogue epilogue() const;
-  // Whether a training-mode forward has to keep z (then it runs the norm
-  // plain into y and calls activate_saved(y)).
-  bool keeps_preactivation() const { return activation_ != Activation::none; }
   // y holds z: saves it, then overwrites y with act(z).
   void activate_saved(const TensorRef& y);
   // dy itself, or dy * act'(z) (into a buffer of this layer) for the norm's backward.
   TensorRef activation_grad(const TensorRef& dy);
+  // Drops the saved forward.
+  void clear_saved();
 
+  DType dtype_;
+  bool saves_mean_;
   bool training_ = true;
   Activation activation_ = Activation::none;
-  Buffer saved_z_, scratch_dy_;
+  Buffer scratch_grad_weight_, scratch_grad_bias_;  // one backward's gradients, before they are added
+  TensorRef saved_x_;
+  Buffer saved_mean_, saved_rstd_, saved_z_, scratch_dy_;
+  bool has_saved_ = false;
 };
 
 // torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True).
@@ -133,35 +197,26 @@ class LayerNorm : public NormLayer {
  public:
   explicit LayerNorm(Dims normalized_shape, double eps = 1e-5, bool elementwise_affine = true, bool bias = true,
                      DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   double eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
-  DType dtype() const { return dtype_; }
   // Parameters and their gradients (shape normalized_shape, the layer's dtype);
   // undefined when absent (elementwise_affine=false, bias=false).
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
+
   Dims normalized_shape_;
   double eps_;
   bool elementwise_affine_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;  // one backward's gradients, before they are added
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool has_saved_ = false;
 };
 
 // torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True);
@@ -170,32 +225,75 @@ class RMSNorm : public NormLayer {
  public:
   explicit RMSNorm(Dims normalized_shape, std::optional<double> eps = std::nullopt, bool elementwise_affine = true,
                    DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   const Dims& normalized_shape() const { return normalized_shape_; }
   std::optional<double> eps() const { return eps_; }
   bool elementwise_affine() const { return elementwise_affine_; }
-  DType dtype() const { return dtype_; }
   // The weight and its gradient (undefined when elementwise_affine=false).
-  Buffer& weight() { return weight_; }
-  Buffer& grad_weight() { return grad_weight_; }
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
+
   Dims normalized_shape_;
   std::optional<double> eps_;
   bool elementwise_affine_;
-  DType dtype_;
-  Buffer weight_, grad_weight_;
-  Buffer scratch_grad_weight_;
-  TensorRef saved_x_;
-  Buffer saved_rstd_;
-  bool has_saved_ = false;
+};
+
+// What BatchNorm and InstanceNorm share: PyTorch's constructor arguments
+// (num_features, eps, momentum, affine, track_running_stats) plus layout, checked
+// alike; per-channel parameters (C); running statistics and num_batches_tracked;
+// the channel check of x; and whether a forward uses the input's statistics
+// (training, or not tracking) or the running ones.
+class RunningNorm : public NormLayer {
+ public:
+  // The constructor's arguments.
+  std::int64_t num_features() const { return num_features_; }
+  double eps() const { return eps_; }
+  std::optional<double> momentum() const { return momentum_; }
+  bool affine() const { return affine_; }
+  bool track_running_stats() const { return track_running_stats_; }
+  std::optional<Layout> layout() const { return layout_; }
+  // Parameters (C) and their gradients; undefined unless affine.
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
+  // Running statistics (C), undefined unless track_running_stats; the training-step
+  // count (BatchNorm counts it; InstanceNorm never increments it).
+  Buffer& running_mean() { return running_mean_; }
+  Buffer& running_var() { return running_var_; }
+  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
+
+ protected:
+  // Checks the arguments (num_features, eps, momentum, dtype, layout, in that
+  // order) and makes the buffers. per_instance: statistics per (N, C) rather than (C).
+  RunningNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+              bool track_running_stats, std::optional<Layout> layout, DType dtype, bool per_instance);
+  // True when a forward now uses the input's statistics: training, or not tracking.
+  bool input_stats() const { return training() || !track_running_stats_; }
+  // The running statistics as the norm functions take them: not given unless tracked.
+  TensorRef running_mean_ref() const { return track_running_stats_ ? running_mean_.ref() : TensorRef{}; }
+  TensorRef running_var_ref() const { return track_running_stats_ ? running_var_.ref() : TensorRef{}; }
+
+  std::int64_t num_features_;
+  double eps_;
+  std::optional<double> momentum_;
+  bool affine_, track_running_stats_;
+  std::optional<Layout> layout_;
+  Buffer running_mean_, running_var_;
+  std::int64_t num_batches_tracked_ = 0;
+  bool saved_input_stats_ = true;  // backward through the input's statistics? (set by each forward)
+
+ private:
+  // Checks x's channel count (when the layer has per-channel buffers); C or N * C.
+  std::int64_t saved_count(const TensorRef& x) const override;
+
+  bool per_instance_;
 };
 
 // torch.nn.BatchNorm1d/2d/3d in one class: BatchNorm(num_features, eps=1e-5,
@@ -209,17 +307,11 @@ class RMSNorm : public NormLayer {
 // batch ones. Saved statistics: (C). x's channel count must be num_features
 // when the layer has per-channel buffers (affine or track_running_stats);
 // without any, any channel count is accepted, as in PyTorch.
-class BatchNorm : public NormLayer {
+class BatchNorm : public RunningNorm {
  public:
   explicit BatchNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                      bool affine = true, bool track_running_stats = true,
                      std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
   // Folds this layer, in inference form, into the convolution or linear layer
   // before it: fold_batch_norm (normkit/fused.hpp) with the running statistics,
   // eps and (if affine) weight/bias as the BN arguments. C_out must be
@@ -228,38 +320,9 @@ class BatchNorm : public NormLayer {
   void fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
             const TensorRef& folded_bias, bool transpose = false, std::int64_t groups = 1) const;
 
-  // The constructor's arguments.
-  std::int64_t num_features() const { return num_features_; }
-  double eps() const { return eps_; }
-  std::optional<double> momentum() const { return momentum_; }
-  bool affine() const { return affine_; }
-  bool track_running_stats() const { return track_running_stats_; }
-  std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
-  // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
-  // Running statistics (C), undefined unless track_running_stats; the training-step count.
-  Buffer& running_mean() { return running_mean_; }
-  Buffer& running_var() { return running_var_; }
-  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
-
  private:
-  std::int64_t num_features_;
-  double eps_;
-  std::optional<double> momentum_;
-  bool affine_, track_running_stats_;
-  std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
-  std::int64_t num_batches_tracked_ = 0;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool saved_training_stats_ = true;  // backward through batch statistics?
-  bool has_saved_ = false;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 };
 
 // torch.nn.InstanceNorm1d/2d/3d in one class: InstanceNorm(num_features,
@@ -271,50 +334,15 @@ class BatchNorm : public NormLayer {
 // (PyTorch passes momentum 0.0 then); num_batches_tracked is kept for
 // state_dict compatibility but never incremented (PyTorch's InstanceNorm never
 // does). Saved statistics: (N, C). Channel count: as BatchNorm.
-class InstanceNorm : public NormLayer {
+class InstanceNorm : public RunningNorm {
  public:
   explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                         bool affine = false, bool track_running_stats = false,
                         std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
-
-  // The constructor's arguments.
-  std::int64_t num_features() const { return num_features_; }
-  double eps() const { return eps_; }
-  std::optional<double> momentum() const { return momentum_; }
-  bool affine() const { return affine_; }
-  bool track_running_stats() const { return track_running_stats_; }
-  std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
-  // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
-  // Running statistics (C), undefined unless track_running_stats; the step count (never incremented here).
-  Buffer& running_mean() { return running_mean_; }
-  Buffer& running_var() { return running_var_; }
-  std::int64_t& num_batches_tracked() { return num_batches_tracked_; }
 
  private:
-  std::int64_t num_features_;
-  double eps_;
-  std::optional<double> momentum_;
-  bool affine_, track_running_stats_;
-  std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_, running_mean_, running_var_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
-  std::int64_t num_batches_tracked_ = 0;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool saved_input_stats_ = true;
-  bool has_saved_ = false;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True), plus layout.
@@ -325,12 +353,6 @@ class GroupNorm : public NormLayer {
  public:
   GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true,
             std::optional<Layout> layout = std::nullopt, DType dtype = DType::float32);
-  // y = the norm of x with the layer's parameters; in training mode saves what backward needs.
-  void forward(const TensorRef& x, const TensorRef& y);
-  // dx from dy and the saved forward; adds the parameter gradients to grad_weight/grad_bias.
-  void backward(const TensorRef& dy, const TensorRef& dx);
-  // Sets the parameter gradients to zero.
-  void zero_grad();
 
   // The constructor's arguments.
   std::int64_t num_groups() const { return num_groups_; }
@@ -338,24 +360,21 @@ class GroupNorm : public NormLayer {
   double eps() const { return eps_; }
   bool affine() const { return affine_; }
   std::optional<Layout> layout() const { return layout_; }
-  DType dtype() const { return dtype_; }
   // Parameters (C) and their gradients; undefined unless affine.
-  Buffer& weight() { return weight_; }
-  Buffer& bias() { return bias_; }
-  Buffer& grad_weight() { return grad_weight_; }
-  Buffer& grad_bias() { return grad_bias_; }
+  using NormLayer::bias;
+  using NormLayer::grad_bias;
+  using NormLayer::grad_weight;
+  using NormLayer::weight;
 
  private:
+  std::int64_t saved_count(const TensorRef& x) const override;
+  void norm_forward(const ForwardArgs& a) override;
+  void norm_backward(const BackwardArgs& a) override;
+
   std::int64_t num_groups_, num_channels_;
   double eps_;
   bool affine_;
   std::optional<Layout> layout_;
-  DType dtype_;
-  Buffer weight_, bias_, grad_weight_, grad_bias_;
-  Buffer scratch_grad_weight_, scratch_grad_bias_;
-  TensorRef saved_x_;
-  Buffer saved_mean_, saved_rstd_;
-  bool has_saved_ = false;
 };
 
 }  // namespace normkit

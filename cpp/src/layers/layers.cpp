@@ -4,7 +4,10 @@
 // normkit/norms.hpp: forward calls the norm with the layer's parameters (and,
 // in training mode, statistics outputs it keeps for backward); backward calls
 // the matching *_backward function, with the weight/bias gradients written
-// into scratch buffers and then added to grad_weight/grad_bias.
+// into scratch buffers and then added to grad_weight/grad_bias. NormLayer does
+// that once (saved state, scratch, accumulation, activation); each class gives
+// its parameters, saved_count (how many statistics a forward saves) and the two
+// calls norm_forward / norm_backward.
 #include "normkit/layers.hpp"
 
 #include <cmath>
@@ -98,11 +101,6 @@ std::int64_t leading_rows(const TensorRef& x, int k) {
   core::fail_value(
       "backward: needs a forward in training mode first (each forward allows one backward; eval-mode and "
       "in-place forwards save nothing)");
-}
-
-// Whether to keep x for backward: training mode, and y did not overwrite x.
-bool keeps_x(bool training, const TensorRef& x, const TensorRef& y) {
-  return training && !core::same_memory(x, y);
 }
 
 std::int64_t storage_words(DType dtype, const Dims& shape) {
@@ -293,180 +291,149 @@ TensorRef NormLayer::activation_grad(const TensorRef& dy) {
   return g;
 }
 
-// ---- LayerNorm ------------------------------------------------------------------
+// ---- the saved-state / scratch / gradient protocol of every layer -------------
 
-LayerNorm::LayerNorm(Dims normalized_shape, double eps, bool elementwise_affine, bool bias, DType dtype)
-    : normalized_shape_(normalized_shape), eps_(eps), elementwise_affine_(elementwise_affine), dtype_(dtype) {
-  check_normalized_shape(normalized_shape);
-  core::check_eps(eps);
-  check_dtype(dtype);
-  weight_ = make_param(elementwise_affine, dtype, normalized_shape, 1.0);
-  bias_ = make_param(elementwise_affine && bias, dtype, normalized_shape, 0.0);
-  grad_weight_ = make_param(weight_.defined(), dtype, normalized_shape, 0.0);
-  grad_bias_ = make_param(bias_.defined(), dtype, normalized_shape, 0.0);
+void NormLayer::init_parameters(const Dims& shape, bool weight, bool bias) {
+  weight_ = make_param(weight, dtype_, shape, 1.0);
+  bias_ = make_param(bias, dtype_, shape, 0.0);
+  grad_weight_ = make_param(weight, dtype_, shape, 0.0);
+  grad_bias_ = make_param(bias, dtype_, shape, 0.0);
 }
 
-void LayerNorm::forward(const TensorRef& x, const TensorRef& y) {
+void NormLayer::clear_saved() {
   has_saved_ = false;
   saved_x_ = {};
+}
+
+void NormLayer::forward(const TensorRef& x, const TensorRef& y) {
+  clear_saved();
   check_x_dtype(x, dtype_);
-  const bool keep = keeps_x(training_, x, y);
-  const std::int64_t rows = keep ? leading_rows(x, normalized_shape_.size()) : -1;
-  if (rows < 0) {  // eval, in place, or an x the norm will reject
-    layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, {}, {}, epilogue());
-    return;
+  const std::int64_t count = saved_count(x);
+  // Keep x for backward: training mode, y did not overwrite x, and an x the norm accepts.
+  const bool keep = training_ && !core::same_memory(x, y) && count >= 0;
+  TensorRef mean, rstd;
+  if (keep) {
+    if (saves_mean_) mean = stats_output(saved_mean_, x.dtype, count);
+    rstd = stats_output(saved_rstd_, x.dtype, count);
   }
-  layer_norm(x, y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, stats_output(saved_mean_, x.dtype, rows),
-             stats_output(saved_rstd_, x.dtype, rows));
-  if (keeps_preactivation()) activate_saved(y);
+  // A saving forward runs the norm plain into y (then activates y itself, keeping z).
+  norm_forward({x, y, mean, rstd, keep ? Epilogue{} : epilogue()});
+  if (!keep) return;
+  if (activation_ != Activation::none) activate_saved(y);
   saved_x_ = x;
   has_saved_ = true;
 }
 
-void LayerNorm::backward(const TensorRef& dy, const TensorRef& dx) {
+void NormLayer::backward(const TensorRef& dy, const TensorRef& dx) {
   if (!has_saved_) no_saved_forward();
   const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
   const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  layer_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), normalized_shape_,
-                      weight_.ref(), dx, dw, db);
+  norm_backward({activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), dx, dw, db});
   accumulate(grad_weight_, scratch_grad_weight_);
   accumulate(grad_bias_, scratch_grad_bias_);
-  has_saved_ = false;
-  saved_x_ = {};
+  clear_saved();
 }
 
-void LayerNorm::zero_grad() {
+void NormLayer::zero_grad() {
   grad_weight_.fill(0.0);
   grad_bias_.fill(0.0);
+}
+
+// ---- LayerNorm ------------------------------------------------------------------
+
+LayerNorm::LayerNorm(Dims normalized_shape, double eps, bool elementwise_affine, bool bias, DType dtype)
+    : NormLayer(dtype, /*saves_mean=*/true),
+      normalized_shape_(normalized_shape),
+      eps_(eps),
+      elementwise_affine_(elementwise_affine) {
+  check_normalized_shape(normalized_shape);
+  core::check_eps(eps);
+  check_dtype(dtype);
+  init_parameters(normalized_shape, elementwise_affine, elementwise_affine && bias);
+}
+
+std::int64_t LayerNorm::saved_count(const TensorRef& x) const { return leading_rows(x, normalized_shape_.size()); }
+
+void LayerNorm::norm_forward(const ForwardArgs& a) {
+  layer_norm(a.x, a.y, normalized_shape_, weight_.ref(), bias_.ref(), eps_, a.mean, a.rstd, a.store);
+}
+
+void LayerNorm::norm_backward(const BackwardArgs& a) {
+  layer_norm_backward(a.dy, a.x, a.mean, a.rstd, normalized_shape_, weight_.ref(), a.dx, a.dweight, a.dbias);
 }
 
 // ---- RMSNorm --------------------------------------------------------------------
 
 RMSNorm::RMSNorm(Dims normalized_shape, std::optional<double> eps, bool elementwise_affine, DType dtype)
-    : normalized_shape_(normalized_shape), eps_(eps), elementwise_affine_(elementwise_affine), dtype_(dtype) {
+    : NormLayer(dtype, /*saves_mean=*/false),
+      normalized_shape_(normalized_shape),
+      eps_(eps),
+      elementwise_affine_(elementwise_affine) {
   check_normalized_shape(normalized_shape);
   if (eps) core::check_eps(*eps);
   check_dtype(dtype);
-  weight_ = make_param(elementwise_affine, dtype, normalized_shape, 1.0);
-  grad_weight_ = make_param(weight_.defined(), dtype, normalized_shape, 0.0);
+  init_parameters(normalized_shape, elementwise_affine, /*bias=*/false);
 }
 
-void RMSNorm::forward(const TensorRef& x, const TensorRef& y) {
-  has_saved_ = false;
-  saved_x_ = {};
-  check_x_dtype(x, dtype_);
-  const bool keep = keeps_x(training_, x, y);
-  const std::int64_t rows = keep ? leading_rows(x, normalized_shape_.size()) : -1;
-  if (rows < 0) {
-    rms_norm(x, y, normalized_shape_, weight_.ref(), eps_, {}, epilogue());
-    return;
-  }
-  rms_norm(x, y, normalized_shape_, weight_.ref(), eps_, stats_output(saved_rstd_, x.dtype, rows));
-  if (keeps_preactivation()) activate_saved(y);
-  saved_x_ = x;
-  has_saved_ = true;
+std::int64_t RMSNorm::saved_count(const TensorRef& x) const { return leading_rows(x, normalized_shape_.size()); }
+
+void RMSNorm::norm_forward(const ForwardArgs& a) {
+  rms_norm(a.x, a.y, normalized_shape_, weight_.ref(), eps_, a.rstd, a.store);
 }
 
-void RMSNorm::backward(const TensorRef& dy, const TensorRef& dx) {
-  if (!has_saved_) no_saved_forward();
-  const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
-  rms_norm_backward(activation_grad(dy), saved_x_, saved_rstd_.ref(), normalized_shape_, weight_.ref(), dx, dw);
-  accumulate(grad_weight_, scratch_grad_weight_);
-  has_saved_ = false;
-  saved_x_ = {};
+void RMSNorm::norm_backward(const BackwardArgs& a) {
+  rms_norm_backward(a.dy, a.x, a.rstd, normalized_shape_, weight_.ref(), a.dx, a.dweight);
 }
 
-void RMSNorm::zero_grad() { grad_weight_.fill(0.0); }
+// ---- RunningNorm (BatchNorm, InstanceNorm) --------------------------------------
 
-// ---- BatchNorm ------------------------------------------------------------------
-
-namespace {
-
-// What BatchNorm and InstanceNorm check of their constructor arguments.
-void check_running_layer(std::int64_t num_features, double eps, const std::optional<double>& momentum,
-                         const std::optional<Layout>& layout, DType dtype) {
-  check_positive(num_features, "num_features");
-  core::check_eps(eps);
-  check_momentum(momentum);
-  check_dtype(dtype);
-  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
-}
-
-// Per-channel weight (ones), bias (zeros) and their gradients, when affine.
-void make_channel_affine(bool affine, DType dtype, std::int64_t channels, Buffer& weight, Buffer& bias,
-                         Buffer& grad_weight, Buffer& grad_bias) {
-  const Dims c{channels};
-  weight = make_param(affine, dtype, c, 1.0);
-  bias = make_param(affine, dtype, c, 0.0);
-  grad_weight = make_param(affine, dtype, c, 0.0);
-  grad_bias = make_param(affine, dtype, c, 0.0);
-}
-
-}  // namespace
-
-BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
-                     bool track_running_stats, std::optional<Layout> layout, DType dtype)
-    : num_features_(num_features),
+RunningNorm::RunningNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                         bool track_running_stats, std::optional<Layout> layout, DType dtype, bool per_instance)
+    : NormLayer(dtype, /*saves_mean=*/true),
+      num_features_(num_features),
       eps_(eps),
       momentum_(momentum),
       affine_(affine),
       track_running_stats_(track_running_stats),
       layout_(layout),
-      dtype_(dtype) {
-  check_running_layer(num_features, eps, momentum, layout, dtype);
-  make_channel_affine(affine, dtype, num_features, weight_, bias_, grad_weight_, grad_bias_);
+      per_instance_(per_instance) {
+  check_positive(num_features, "num_features");
+  core::check_eps(eps);
+  check_momentum(momentum);
+  check_dtype(dtype);
+  if (layout) layout_rank(*layout);  // an unknown enum value is an Error
+  init_parameters(Dims{num_features}, affine, affine);
   running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
   running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
 }
 
-void BatchNorm::forward(const TensorRef& x, const TensorRef& y) {
-  has_saved_ = false;
-  saved_x_ = {};
-  check_x_dtype(x, dtype_);
+std::int64_t RunningNorm::saved_count(const TensorRef& x) const {
   const plan::ChannelGeometry g = plan::channel_geometry(x, layout_);
   if (affine_ || track_running_stats_) check_channels(g.c, num_features_, "num_features", x);
+  return per_instance_ ? g.n * g.c : g.c;
+}
 
+// ---- BatchNorm ------------------------------------------------------------------
+
+BatchNorm::BatchNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                     bool track_running_stats, std::optional<Layout> layout, DType dtype)
+    : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/false) {}
+
+void BatchNorm::norm_forward(const ForwardArgs& a) {
   // As torch.nn.BatchNorm: batch statistics in training or without running
   // statistics; running statistics updated only in training when tracked.
-  const bool batch_stats = training_ || !track_running_stats_;
-  const bool update = training_ && track_running_stats_;
-  const TensorRef rm = track_running_stats_ ? running_mean_.ref() : TensorRef{};
-  const TensorRef rv = track_running_stats_ ? running_var_.ref() : TensorRef{};
+  const bool update = training() && track_running_stats_;
   double factor = 0.0;
   if (update) factor = momentum_ ? *momentum_ : 1.0 / double(num_batches_tracked_ + 1);
-
-  const bool keep = keeps_x(training_, x, y);
-  TensorRef mean, rstd;
-  if (keep) {
-    mean = stats_output(saved_mean_, x.dtype, g.c);
-    rstd = stats_output(saved_rstd_, x.dtype, g.c);
-  }
-  batch_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), batch_stats, factor, eps_, layout_, mean, rstd,
-             keep ? Epilogue{} : epilogue());
+  saved_input_stats_ = input_stats();
+  batch_norm(a.x, a.y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_, factor,
+             eps_, layout_, a.mean, a.rstd, a.store);
   if (update) ++num_batches_tracked_;
-  if (keep && keeps_preactivation()) activate_saved(y);
-  if (keep) {
-    saved_x_ = x;
-    saved_training_stats_ = batch_stats;
-    has_saved_ = true;
-  }
 }
 
-void BatchNorm::backward(const TensorRef& dy, const TensorRef& dx) {
-  if (!has_saved_) no_saved_forward();
-  const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
-  const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  batch_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
-                      saved_training_stats_, layout_);
-  accumulate(grad_weight_, scratch_grad_weight_);
-  accumulate(grad_bias_, scratch_grad_bias_);
-  has_saved_ = false;
-  saved_x_ = {};
-}
-
-void BatchNorm::zero_grad() {
-  grad_weight_.fill(0.0);
-  grad_bias_.fill(0.0);
+void BatchNorm::norm_backward(const BackwardArgs& a) {
+  batch_norm_backward(a.dy, a.x, a.mean, a.rstd, weight_.ref(), a.dx, a.dweight, a.dbias, saved_input_stats_,
+                      layout_);
 }
 
 void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const TensorRef& folded_weight,
@@ -474,10 +441,10 @@ void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const Tenso
   if (!track_running_stats_)
     core::fail_value("fold: needs running statistics (this BatchNorm has track_running_stats=false)");
   // The layer's vectors are its dtype: the weight must be that, or 16-bit with a float32 layer.
-  if (weight.given && is_float(weight.dtype) && weight.dtype != dtype_ &&
-      !(dtype_ == DType::float32 && is_16bit(weight.dtype)))
+  if (weight.given && is_float(weight.dtype) && weight.dtype != dtype() &&
+      !(dtype() == DType::float32 && is_16bit(weight.dtype)))
     core::fail_type("weight: dtype " + std::string(to_string(weight.dtype)) + " does not match the layer's " +
-                    to_string(dtype_) + " (weight must have the layer's dtype, or be float16/bfloat16 with a " +
+                    to_string(dtype()) + " (weight must have the layer's dtype, or be float16/bfloat16 with a " +
                     "float32 layer)");
   // C_out must be num_features (malformed weights and groups: fold_batch_norm reports them).
   if (weight.given && groups > 0 && weight.shape.size() >= (transpose ? 2 : 1)) {
@@ -495,76 +462,31 @@ void BatchNorm::fold(const TensorRef& weight, const TensorRef& bias, const Tenso
 
 InstanceNorm::InstanceNorm(std::int64_t num_features, double eps, std::optional<double> momentum, bool affine,
                            bool track_running_stats, std::optional<Layout> layout, DType dtype)
-    : num_features_(num_features),
-      eps_(eps),
-      momentum_(momentum),
-      affine_(affine),
-      track_running_stats_(track_running_stats),
-      layout_(layout),
-      dtype_(dtype) {
-  check_running_layer(num_features, eps, momentum, layout, dtype);
-  make_channel_affine(affine, dtype, num_features, weight_, bias_, grad_weight_, grad_bias_);
-  running_mean_ = make_param(track_running_stats, dtype, Dims{num_features}, 0.0);
-  running_var_ = make_param(track_running_stats, dtype, Dims{num_features}, 1.0);
-}
+    : RunningNorm(num_features, eps, momentum, affine, track_running_stats, layout, dtype, /*per_instance=*/true) {}
 
-void InstanceNorm::forward(const TensorRef& x, const TensorRef& y) {
-  has_saved_ = false;
-  saved_x_ = {};
-  check_x_dtype(x, dtype_);
-  const plan::ChannelGeometry g = plan::channel_geometry(x, layout_);
-  if (affine_ || track_running_stats_) check_channels(g.c, num_features_, "num_features", x);
-
+void InstanceNorm::norm_forward(const ForwardArgs& a) {
   // As torch.nn.InstanceNorm*d: F.instance_norm(x, running_mean, running_var,
   // weight, bias, training or not track_running_stats, momentum or 0.0, eps).
-  const bool input_stats = training_ || !track_running_stats_;
-  const TensorRef rm = track_running_stats_ ? running_mean_.ref() : TensorRef{};
-  const TensorRef rv = track_running_stats_ ? running_var_.ref() : TensorRef{};
-  const double factor = momentum_.value_or(0.0);
-
-  const bool keep = keeps_x(training_, x, y);
-  TensorRef mean, rstd;
-  if (keep) {
-    mean = stats_output(saved_mean_, x.dtype, g.n * g.c);
-    rstd = stats_output(saved_rstd_, x.dtype, g.n * g.c);
-  }
-  instance_norm(x, y, rm, rv, weight_.ref(), bias_.ref(), input_stats, factor, eps_, layout_, mean, rstd,
-                keep ? Epilogue{} : epilogue());
-  if (keep && keeps_preactivation()) activate_saved(y);
-  if (keep) {
-    saved_x_ = x;
-    saved_input_stats_ = input_stats;
-    has_saved_ = true;
-  }
+  saved_input_stats_ = input_stats();
+  instance_norm(a.x, a.y, running_mean_ref(), running_var_ref(), weight_.ref(), bias_.ref(), saved_input_stats_,
+                momentum_.value_or(0.0), eps_, layout_, a.mean, a.rstd, a.store);
 }
 
-void InstanceNorm::backward(const TensorRef& dy, const TensorRef& dx) {
-  if (!has_saved_) no_saved_forward();
-  const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
-  const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  instance_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), weight_.ref(), dx, dw, db,
-                         saved_input_stats_, layout_);
-  accumulate(grad_weight_, scratch_grad_weight_);
-  accumulate(grad_bias_, scratch_grad_bias_);
-  has_saved_ = false;
-  saved_x_ = {};
-}
-
-void InstanceNorm::zero_grad() {
-  grad_weight_.fill(0.0);
-  grad_bias_.fill(0.0);
+void InstanceNorm::norm_backward(const BackwardArgs& a) {
+  instance_norm_backward(a.dy, a.x, a.mean, a.rstd, weight_.ref(), a.dx, a.dweight, a.dbias, saved_input_stats_,
+                         layout_);
 }
 
 // ---- GroupNorm ------------------------------------------------------------------
 
 GroupNorm::GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps, bool affine,
                      std::optional<Layout> layout, DType dtype)
-    : num_groups_(num_groups),
+    : NormLayer(dtype, /*saves_mean=*/true),
+      num_groups_(num_groups),
       num_channels_(num_channels),
       eps_(eps),
       affine_(affine),
-      layout_(layout),
-      dtype_(dtype) {
+      layout_(layout) {
   check_positive(num_groups, "num_groups");
   check_positive(num_channels, "num_channels");
   if (num_channels % num_groups != 0)
@@ -573,46 +495,21 @@ GroupNorm::GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double 
   core::check_eps(eps);
   check_dtype(dtype);
   if (layout) layout_rank(*layout);
-  make_channel_affine(affine, dtype, num_channels, weight_, bias_, grad_weight_, grad_bias_);
+  init_parameters(Dims{num_channels}, affine, affine);
 }
 
-void GroupNorm::forward(const TensorRef& x, const TensorRef& y) {
-  has_saved_ = false;
-  saved_x_ = {};
-  check_x_dtype(x, dtype_);
+std::int64_t GroupNorm::saved_count(const TensorRef& x) const {
   const plan::ChannelGeometry g = plan::channel_geometry(x, layout_);
   if (affine_) check_channels(g.c, num_channels_, "num_channels", x);
-
-  const bool keep = keeps_x(training_, x, y);
-  TensorRef mean, rstd;
-  if (keep) {
-    mean = stats_output(saved_mean_, x.dtype, g.n * num_groups_);
-    rstd = stats_output(saved_rstd_, x.dtype, g.n * num_groups_);
-  }
-  group_norm(x, y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, mean, rstd,
-             keep ? Epilogue{} : epilogue());
-  if (keep && keeps_preactivation()) activate_saved(y);
-  if (keep) {
-    saved_x_ = x;
-    has_saved_ = true;
-  }
+  return g.n * num_groups_;
 }
 
-void GroupNorm::backward(const TensorRef& dy, const TensorRef& dx) {
-  if (!has_saved_) no_saved_forward();
-  const TensorRef dw = scratch_for(scratch_grad_weight_, weight_);
-  const TensorRef db = scratch_for(scratch_grad_bias_, bias_);
-  group_norm_backward(activation_grad(dy), saved_x_, saved_mean_.ref(), saved_rstd_.ref(), num_groups_, weight_.ref(), dx, dw, db,
-                      layout_);
-  accumulate(grad_weight_, scratch_grad_weight_);
-  accumulate(grad_bias_, scratch_grad_bias_);
-  has_saved_ = false;
-  saved_x_ = {};
+void GroupNorm::norm_forward(const ForwardArgs& a) {
+  group_norm(a.x, a.y, num_groups_, weight_.ref(), bias_.ref(), eps_, layout_, a.mean, a.rstd, a.store);
 }
 
-void GroupNorm::zero_grad() {
-  grad_weight_.fill(0.0);
-  grad_bias_.fill(0.0);
+void GroupNorm::norm_backward(const BackwardArgs& a) {
+  group_norm_backward(a.dy, a.x, a.mean, a.rstd, num_groups_, weight_.ref(), a.dx, a.dweight, a.dbias, layout_);
 }
 
 }  // namespace normkit
