@@ -23,7 +23,9 @@ namespace normkit {
 // finite elements and NaN for itself (x / inf), as PyTorch.
 // p = 2 takes its norm from the kernels' statistics (sum of squares =
 // M2 + count * mean^2, both terms non-negative, in double); other p use a
-// plain loop in double (no kernel computes sum |x|^p or max |x|).
+// plain loop in double (no kernel computes sum |x|^p or max |x|), as do the
+// p = 2 slices whose moments are not finite (an infinity) or whose squares
+// underflow the statistics' type (values below ~1e-18 in float32).
 void normalize(const TensorRef& x, const TensorRef& y, double p = 2.0, int dim = -1, double eps = 1e-12);
 
 // Gradient of normalize: dx from dy (x's shape and dtype) and x, with the

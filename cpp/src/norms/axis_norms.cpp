@@ -69,10 +69,17 @@ std::vector<double> slice_norms(const TensorRef& x, const plan::AxisView& v, dou
 // max(norm, eps), NaN kept.
 double clamped(double norm, double eps) { return std::isnan(norm) ? norm : std::max(norm, eps); }
 
-std::vector<bool> one_axis(const TensorRef& x, int dim) {
+// Checks p, dim and eps; for a non-empty x fills `v` with x's slices along dim
+// and returns true (false: x is empty, nothing to do).
+bool lp_view(const TensorRef& x, double p, int dim, double eps, plan::AxisView& v) {
+  check_p(p);
+  const int d = check_dim(x, dim);
+  core::check_eps(eps);
+  if (x.numel() == 0) return false;
   std::vector<bool> reduced(x.shape.size(), false);
-  reduced[dim] = true;
-  return reduced;
+  reduced[d] = true;
+  v = plan::axis_view(x, reduced);
+  return true;
 }
 
 }  // namespace
@@ -80,11 +87,8 @@ std::vector<bool> one_axis(const TensorRef& x, int dim) {
 void normalize(const TensorRef& x, const TensorRef& y, double p, int dim, double eps) {
   check_contiguous_input(x, "x");
   plan::check_output_like(x, y, "y");
-  check_p(p);
-  const int d = check_dim(x, dim);
-  core::check_eps(eps);
-  if (x.numel() == 0) return;
-  const plan::AxisView v = plan::axis_view(x, one_axis(x, d));
+  plan::AxisView v;
+  if (!lp_view(x, p, dim, eps, v)) return;
   const std::vector<double> norm = slice_norms(x, v, p);
   plan::SliceAffine f;
   f.a.assign(v.slices, 1.0);
@@ -101,19 +105,10 @@ void normalize_backward(const TensorRef& dy, const TensorRef& x, const TensorRef
     core::fail_value("dy: expected the shape of x " + x.shape.to_string() + ", got " + dy.shape.to_string());
   if (dy.dtype != x.dtype)
     core::fail_type(std::string("dy: expected dtype ") + to_string(x.dtype) + " like x, got " + to_string(dy.dtype));
-  core::check_given(dx, "dx");
-  if (dx.shape != x.shape)
-    core::fail_value("dx: expected the shape of x " + x.shape.to_string() + ", got " + dx.shape.to_string());
-  if (dx.dtype != x.dtype)
-    core::fail_type(std::string("dx: expected dtype ") + to_string(x.dtype) + " like x, got " + to_string(dx.dtype));
-  if (!dx.is_contiguous()) core::fail_value("dx: must be contiguous");
-  core::check_no_partial_overlap(x, dx, "dx");
+  plan::check_output_like(x, dx, "dx");  // shape, dtype, contiguous, dx = x or apart from it
   core::check_no_partial_overlap(dy, dx, "dx", "dy");
-  check_p(p);
-  const int d = check_dim(x, dim);
-  core::check_eps(eps);
-  if (x.numel() == 0) return;
-  const plan::AxisView v = plan::axis_view(x, one_axis(x, d));
+  plan::AxisView v;
+  if (!lp_view(x, p, dim, eps, v)) return;
   const std::vector<double> norm = slice_norms(x, v, p);
   const std::vector<double> dot = plan::slice_dot(dy, x, v);  // sum dy * x per slice
   if (p != 2) {

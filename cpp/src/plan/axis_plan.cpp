@@ -6,12 +6,8 @@
 #include <limits>
 #include <utility>
 
-#include "core/check.hpp"
 #include "plan/channel_plan.hpp"
 #include "plan/merge.hpp"
-#include "plan/store_plan.hpp"
-#include "runtime/dispatch.hpp"
-#include "runtime/threads.hpp"
 
 namespace normkit::plan {
 
@@ -42,8 +38,6 @@ std::vector<std::int64_t> outer_keys(const AxisView& v, std::int64_t& groups) {
   return key;
 }
 
-std::int64_t bytes_of(const TensorRef& x) { return x.numel() * element_size(x.dtype); }
-
 // Visits every element of x as (linear index, slice), in memory order.
 template <class F>
 void for_each_element(const AxisView& v, F&& f) {
@@ -62,6 +56,21 @@ void for_each_element(const AxisView& v, F&& f) {
 }
 
 double sgn(double v) { return double((v > 0) - (v < 0)); }
+
+// The view as the channel plan's geometry, whose statistics, gradient sums and
+// apply are the rows / columns problems this mapping needs:
+//   rows     one sample of `rows` channels of `cols` elements, channels-first:
+//            statistics per (sample, channel) = per row; tables per channel = per row
+//   columns  `batches` samples of `rows` positions x `cols` channels,
+//            channels-last, per sample: statistics and tables per (batch, column)
+ChannelGeometry channel_view(const AxisView& v) {
+  ChannelGeometry g;
+  g.channels_last = v.columns;
+  g.n = v.columns ? v.batches : 1;
+  g.c = v.columns ? v.cols : v.rows;
+  g.s = v.columns ? v.rows : v.cols;
+  return g;
+}
 
 }  // namespace
 
@@ -113,121 +122,44 @@ AxisView axis_view(const TensorRef& x, const std::vector<bool>& reduced) {
 }
 
 SliceMoments slice_moments(const TensorRef& x, const AxisView& v) {
-  SliceMoments out;
-  out.mean.assign(v.slices, 0);
-  out.m2.assign(v.slices, 0);
-  const auto& kernels = runtime::active_kernels();
+  // Per row (rows) or per (batch, column) (columns) from the channel plan's
+  // statistics, then merged over the other reduced runs per slice, in order.
+  const ChannelGeometry g = channel_view(v);
+  const GroupMoments part = channel_moments(x, g, g.c, /*per_sample=*/true);  // a group per channel
+  const double n = double(part.count);
   std::int64_t groups = 0;
   const std::vector<std::int64_t> keys = outer_keys(v, groups);
   const Members mem = members(keys, groups);
-  if (!v.columns) {
-    // Rows statistics only (y = nullptr): mean and biased variance per row in double.
-    std::vector<double> mean(v.rows), var(v.rows);
-    kernels::RowsForward p;
-    p.norm = kernels::RowsNorm::layer;
-    p.dtype = x.dtype;
-    p.rows = v.rows;
-    p.cols = v.cols;
-    p.x = x.data;
-    p.x_row_stride = v.cols;
-    p.y = nullptr;
-    p.mean_f64 = mean.data();
-    p.var_f64 = var.data();
-    p.threads = runtime::threads_for(bytes_of(x));
-    kernels.rows_forward(p);
-    const double n = double(v.cols);
-    for (std::int64_t s = 0; s < v.slices; ++s) {
+  const std::int64_t per_outer = v.columns ? v.cols : 1;  // entries per row / batch
+  SliceMoments out;
+  out.mean.assign(v.slices, 0);
+  out.m2.assign(v.slices, 0);
+  for (std::int64_t k = 0; k < groups; ++k)
+    for (std::int64_t c = 0; c < per_outer; ++c) {
       const Summary m = merge_summaries([&](auto&& visit) {
-        for (std::int64_t i = mem.start[s]; i < mem.start[s + 1]; ++i) {
-          const std::int64_t r = mem.order[i];
-          visit(n, mean[r], var[r] * n);
+        for (std::int64_t i = mem.start[k]; i < mem.start[k + 1]; ++i) {
+          const std::int64_t e = mem.order[i] * per_outer + c;
+          visit(n, part.mean[e], part.var[e] * n);
         }
       });
-      out.mean[s] = m.mean;
-      out.m2[s] = m.m2;
-    }
-    return out;
-  }
-  kernels::ColumnsStats p;
-  p.dtype = x.dtype;
-  p.batches = v.batches;
-  p.rows = v.rows;
-  p.cols = v.cols;
-  p.block_rows = columns_block_rows(v.cols, x.dtype);
-  p.x = x.data;
-  const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-  std::vector<double> partial_mean(p.batches * blocks * v.cols), partial_m2(partial_mean.size());
-  p.partial_mean = partial_mean.data();
-  p.partial_m2 = partial_m2.data();
-  p.threads = runtime::threads_for(bytes_of(x));
-  kernels.columns_stats(p);
-  for (std::int64_t g = 0; g < groups; ++g)
-    for (std::int64_t c = 0; c < v.cols; ++c) {
-      const Summary m = merge_summaries([&](auto&& visit) {
-        for (std::int64_t i = mem.start[g]; i < mem.start[g + 1]; ++i) {
-          const std::int64_t b = mem.order[i];
-          for (std::int64_t k = 0; k < blocks; ++k) {
-            const double count = double(std::min(p.block_rows, p.rows - k * p.block_rows));
-            const std::int64_t q = (b * blocks + k) * v.cols + c;
-            visit(count, partial_mean[q], partial_m2[q]);
-          }
-        }
-      });
-      out.mean[g * v.cols + c] = m.mean;
-      out.m2[g * v.cols + c] = m.m2;
+      out.mean[k * per_outer + c] = m.mean;
+      out.m2[k * per_outer + c] = m.m2;
     }
   return out;
 }
 
 std::vector<double> slice_dot(const TensorRef& dy, const TensorRef& x, const AxisView& v) {
+  // The channel plan's gradient sums about a centre of 0 (sum dy * (x - 0)) per
+  // row or per (batch, column), added per slice in order.
+  const ChannelGeometry g = channel_view(v);
+  const std::int64_t per_outer = v.columns ? v.cols : 1;
+  const std::vector<double> zero(v.columns ? v.batches * v.cols : v.rows, 0.0);
+  const GradSums sums = channel_grad_sums(x, dy, g, /*per_sample=*/v.columns, zero);
   std::vector<double> dot(v.slices, 0.0);
-  const auto& kernels = runtime::active_kernels();
-  const int threads = runtime::threads_for(2 * bytes_of(x));
-  if (!v.columns) {
-    // The rows backward's pass 1 alone (dx = nullptr): with rms (no mean) and
-    // one segment per row, segment_sum_dy_xc is sum dy * x.
-    const AccTable ones = to_acc_table(std::vector<double>(v.rows, 1.0), x.dtype);
-    std::vector<double> sum_dy(v.rows), sum_dy_x(v.rows), sum_x(v.rows);
-    kernels::RowsBackward p;
-    p.norm = kernels::RowsNorm::rms;
-    p.dtype = x.dtype;
-    p.rows = v.rows;
-    p.cols = v.cols;
-    p.x = x.data;
-    p.x_row_stride = v.cols;
-    p.dy = dy.data;
-    p.dy_row_stride = v.cols;
-    p.dx = nullptr;
-    p.segments = 1;
-    p.rstd = ones.data();
-    p.segment_sum_dy = sum_dy.data();
-    p.segment_sum_dy_xc = sum_dy_x.data();
-    p.row_sum_xc = sum_x.data();
-    p.threads = threads;
-    kernels.rows_backward(p);
-    for (std::int64_t r = 0; r < v.rows; ++r) dot[v.slice_base[r]] += sum_dy_x[r];  // rows in order
-    return dot;
+  for (std::size_t e = 0; e < sums.dy_xc.size(); ++e) {
+    const auto i = static_cast<std::int64_t>(e);
+    dot[v.slice_base[i / per_outer] + i % per_outer] += sums.dy_xc[e];
   }
-  kernels::ColumnsGradSums p;
-  p.dtype = x.dtype;
-  p.batches = v.batches;
-  p.rows = v.rows;
-  p.cols = v.cols;
-  p.block_rows = std::max<std::int64_t>(columns_block_rows(v.cols, x.dtype) / 2, 1);  // two inputs per block in L2
-  p.x = x.data;
-  p.dy = dy.data;
-  p.center = nullptr;  // sums of dy * (x - 0)
-  p.table_stride = v.cols;
-  const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-  std::vector<double> part_dy(p.batches * blocks * v.cols), part_dy_x(part_dy.size()), part_x(part_dy.size());
-  p.partial_dy = part_dy.data();
-  p.partial_dy_xc = part_dy_x.data();
-  p.partial_xc = part_x.data();
-  p.threads = threads;
-  kernels.columns_grad_sums(p);
-  for (std::int64_t b = 0; b < v.batches; ++b)  // batches, then blocks, in order
-    for (std::int64_t k = 0; k < blocks; ++k)
-      for (std::int64_t c = 0; c < v.cols; ++c) dot[v.slice_base[b] + c] += part_dy_x[(b * blocks + k) * v.cols + c];
   return dot;
 }
 
@@ -271,77 +203,20 @@ void slice_apply(const TensorRef& x, const TensorRef& y, const AxisView& v, cons
       fixed.push_back({i, t});
     });
 
-  // The kernels' tables: per row (rows) or per batch, extended periodically (columns).
-  const std::int64_t entries = v.columns ? v.batches * (v.cols + kernels::kColumnsTablePad) : v.rows;
-  auto table = [&](auto&& value_of_slice) {
+  // The channel plan's apply: tables per row (the rows scale_shift problem,
+  // one segment per row) or per (batch, column) (the columns apply).
+  const std::int64_t per_outer = v.columns ? v.cols : 1;
+  const std::int64_t entries = v.columns ? v.batches * v.cols : v.rows;
+  auto per_entry = [&](const std::vector<double>& per_slice) {
     std::vector<double> t(entries);
-    if (!v.columns) {
-      for (std::int64_t r = 0; r < v.rows; ++r) t[r] = value_of_slice(v.slice_base[r]);
-    } else {
-      const std::int64_t stride = v.cols + kernels::kColumnsTablePad;
-      for (std::int64_t b = 0; b < v.batches; ++b)
-        for (std::int64_t j = 0; j < stride; ++j) t[b * stride + j] = value_of_slice(v.slice_base[b] + j % v.cols);
-    }
-    return to_acc_table(t, x.dtype);
+    for (std::int64_t e = 0; e < entries; ++e) t[e] = per_slice[v.slice_base[e / per_outer] + e % per_outer];
+    return t;
   };
-  const AccTable scale_t = table([&](std::int64_t s) { return scale[s]; });
-  const AccTable shift_t = table([](std::int64_t) { return 0.0; });
-  AccTable hi_t, lo_t, dy_scale_t;
-  // center = hi + lo, each in the stats dtype: (x - hi) - lo keeps a large mean exact.
-  auto hi_of = [&](std::int64_t s) { return f64 ? f.center[s] : double(float(f.center[s])); };
-  if (has_center) {
-    hi_t = table(hi_of);
-    lo_t = table([&](std::int64_t s) { return f.center[s] - hi_of(s); });
-  }
-  if (has_dy) dy_scale_t = table([&](std::int64_t s) { return dy_scale[s]; });
-  kernels::ApplyTerms apply;
-  apply.center_hi = has_center ? hi_t.data() : nullptr;
-  apply.center_lo = has_center ? lo_t.data() : nullptr;
-  apply.dy = has_dy ? dy.data : nullptr;
-  apply.dy_scale = has_dy ? dy_scale_t.data() : nullptr;
-  const std::int64_t bytes = bytes_of(x);
-  const bool stream = !core::same_memory(x, y) && !(has_dy && core::same_memory(dy, y)) &&
-                      runtime::use_streaming_stores(bytes);
-  const int threads = runtime::threads_for((has_dy ? 3 : 2) * bytes);
-  const auto& kernels = runtime::active_kernels();
-  if (!v.columns) {
-    kernels::RowsForward p;
-    p.norm = kernels::RowsNorm::scale_shift;
-    p.dtype = x.dtype;
-    p.params_float32 = !f64;  // tables in the stats dtype
-    p.rows = v.rows;
-    p.cols = v.cols;
-    p.x = x.data;
-    p.x_row_stride = v.cols;
-    p.y = y.data;
-    p.y_row_stride = v.cols;
-    p.segments = 1;
-    p.param_period = v.rows;  // one table entry per row
-    p.weight = scale_t.data();
-    p.bias = shift_t.data();
-    p.apply = apply;
-    p.apply.dy_row_stride = v.cols;
-    p.store = plain_store(x.dtype);
-    p.streaming_stores = stream;
-    p.threads = threads;
-    kernels.rows_forward(p);
-  } else {
-    kernels::ColumnsApply p;
-    p.dtype = x.dtype;
-    p.batches = v.batches;
-    p.rows = v.rows;
-    p.cols = v.cols;
-    p.table_stride = v.cols + kernels::kColumnsTablePad;
-    p.x = x.data;
-    p.y = y.data;
-    p.scale = scale_t.data();
-    p.shift = shift_t.data();
-    p.apply = apply;
-    p.store = plain_store(x.dtype);
-    p.streaming_stores = stream;
-    p.threads = threads;
-    kernels.columns_apply(p);
-  }
+  const std::vector<double> scale_e = per_entry(scale), shift_e(entries, 0.0);
+  const std::vector<double> center_e = has_center ? per_entry(f.center) : std::vector<double>{};
+  const std::vector<double> dy_scale_e = has_dy ? per_entry(dy_scale) : std::vector<double>{};
+  channel_apply(x, y, channel_view(v), /*per_sample=*/v.columns, scale_e, shift_e, has_center ? &center_e : nullptr,
+                0, has_dy ? dy : TensorRef{}, has_dy ? &dy_scale_e : nullptr);
   for (const auto& [i, t] : fixed) write_element(y, i, t);
 }
 

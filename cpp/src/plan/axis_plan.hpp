@@ -16,13 +16,14 @@
 // BatchNorm's channels-first statistics). So any set of axes maps without a
 // transpose. A slice is one index of the kept axes, row-major over them.
 //
-//   problem     statistics (forward)                     output / dx
-//   rows        RowsForward layer, y = nullptr:          RowsForward scale_shift, one segment
-//               mean_f64 / var_f64 per row               per row, tables per row
-//   columns     ColumnsStats partials per (batch,        ColumnsApply, tables per batch
-//               block, column), merged in order
-//   dot (sum dy * x, the backward): RowsBackward (rms, segments = 1, sums only)
-//               or ColumnsGradSums (center 0).
+// The view is handed to the channel plan (plan/channel_plan.hpp) as a
+// geometry its helpers already serve, so the kernel problems are theirs:
+//   problem  geometry                         statistics         output / dx        sum dy * x (backward)
+//   rows     1 x rows channels x cols,        RowsForward layer, RowsForward        RowsBackward sums
+//            channels-first                   statistics only    scale_shift        (dx = nullptr)
+//   columns  batches x rows x cols channels,  ColumnsStats       ColumnsApply       ColumnsGradSums
+//            channels-last, per sample        block partials
+// and this plan adds the merges over the other reduced runs and the per-slice tables.
 #pragma once
 
 #include <cstdint>

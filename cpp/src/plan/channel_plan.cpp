@@ -18,8 +18,12 @@ namespace {
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
-}  // namespace
-
+// Elements of the stats dtype, converted from double tables.
+struct AccTable {
+  std::vector<float> f;
+  std::vector<double> d;
+  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
+};
 AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
   AccTable t;
   if (x_dtype == DType::float64) t.d = v;
@@ -32,6 +36,8 @@ std::int64_t columns_block_rows(std::int64_t cols, DType dtype) {
   const std::int64_t rows = (256 * 1024) / (cols * element_size(dtype) + 1);
   return rows < 16 ? 16 : (rows > 4096 ? 4096 : rows);
 }
+
+}  // namespace
 
 TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count) {
   TensorRef s = t;

@@ -105,19 +105,6 @@ TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t coun
 // else the whole batch in one go.
 std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype);
 
-// Elements of the stats dtype (float, or double for float64 x), converted
-// once from a double table: what the kernels' tables are.
-struct AccTable {
-  std::vector<float> f;
-  std::vector<double> d;
-  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
-};
-AccTable to_acc_table(const std::vector<double>& v, DType x_dtype);
-
-// Rows per block of the columns kernels' partials (ColumnsStats): ~256 KiB,
-// which stays in L2 between the two passes; 16 to 4096.
-std::int64_t columns_block_rows(std::int64_t cols, DType dtype);
-
 // Reads element i of a float tensor as double / writes it (any normkit dtype).
 double read_element(const TensorRef& t, std::int64_t i);
 void write_element(const TensorRef& t, std::int64_t i, double v);
