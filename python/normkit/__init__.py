@@ -1,8 +1,10 @@
 """normkit: fast, exact normalization layers for NumPy arrays and C++ engines.
 
 Functions: layer_norm, rms_norm, batch_norm, instance_norm, group_norm,
-adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...), and
-their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward;
+adaptive_instance_norm (layouts: normkit.Layout or "NCHW", "NHWC", ...),
+normalize (Lp, along any dim) and mean_variance_norm (ONNX's, over any axes), and
+their gradients: layer_norm_backward, ..., adaptive_instance_norm_backward,
+normalize_backward;
 fold_batch_norm (BatchNorm folded into the convolution before it);
 moments, merge_moments, Moments (statistics that merge across shards),
 recalibrate_batch_norm; normkit.distributed.SyncBatchNorm (over mpi4py).
@@ -13,6 +15,7 @@ See README.md for the whole surface.
 from __future__ import annotations
 
 from . import _ext
+from ._axes import mean_variance_norm, normalize, normalize_backward
 from ._backward import (
     adaptive_instance_norm_backward,
     batch_norm_backward,
@@ -66,6 +69,8 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "adaptive_instance_norm",
+    "normalize",
+    "mean_variance_norm",
     "layer_norm_backward",
     "rms_norm_backward",
     "batch_norm_backward",
@@ -73,6 +78,7 @@ __all__ = [
     "instance_norm_backward",
     "group_norm_backward",
     "adaptive_instance_norm_backward",
+    "normalize_backward",
     "fold_batch_norm",
     "Moments",
     "moments",

@@ -113,6 +113,12 @@ ROWS = [
     ("moments", "batch_norm stats of another norm", lambda: normkit.batch_norm(X, None, None, training=True, stats=normkit.moments(X, norm="instance")), ValueError, "stats: expected moments of shape (4,)"),
     ("moments", "batch_norm stats in eval", lambda: normkit.batch_norm(X, C4 * 0, C4, stats=normkit.moments(X)), ValueError, "stats: only used with training=True"),
     ("moments", "global sums without count", lambda: normkit.batch_norm_backward(X, X, C4, C4, sum_dy=C4, sum_dy_xmu=C4), ValueError, "count: required with sum_dy"),
+    # norms along any axes: normalize (Lp) and mean_variance_norm (ONNX MVN)
+    ("axes", "normalize with p below 1", lambda: normkit.normalize(R, p=0.5), ValueError, "p: must be >= 1 (or inf)"),
+    ("axes", "normalize along a dim x lacks", lambda: normkit.normalize(R, dim=2), ValueError, "dim: 2 is out of range"),
+    ("axes", "normalize_backward with dy of another dtype", lambda: normkit.normalize_backward(R.astype(np.float64), R), TypeError, "dy: expected dtype float32"),
+    ("axes", "mean_variance_norm's default axes (0, 2, 3) on a 2-D x", lambda: normkit.mean_variance_norm(R), ValueError, "axes: 2 is out of range"),
+    ("axes", "mean_variance_norm naming an axis twice", lambda: normkit.mean_variance_norm(X, (1, -3)), ValueError, "axes: axis 1 is named twice"),
     # strides: valid, handled (these calls return (result, result on a contiguous copy))
     ("strides", "x with negative strides (x[::-1])",
      lambda: (normkit.layer_norm(R[::-1], 8), normkit.layer_norm(R[::-1].copy(), 8)), None,

@@ -36,6 +36,11 @@ def functional(x: F32, w: F32, b: F32) -> list[Any]:
         normkit.group_norm(img, 2, layout=normkit.Layout.NHWC),
         normkit.adaptive_instance_norm(img, img, layout="NHWC"),
         normkit.adaptive_instance_norm(img, (np.zeros((2, 8)), np.ones((2, 8))), eps=1e-5, layout="NHWC"),
+        normkit.normalize(x),
+        normkit.normalize(img, p=float("inf"), dim=1, eps=0.0, out=None),
+        normkit.normalize_backward(x, x, 2.0, -1, 1e-12),
+        normkit.mean_variance_norm(img),
+        normkit.mean_variance_norm(img, axes=(1, 2), eps=1e-9, out=img),
     ]
     return outs
 

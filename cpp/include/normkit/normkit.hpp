@@ -1,6 +1,7 @@
 // normkit/normkit.hpp - everything in one include.
 #pragma once
 
+#include "normkit/axis_norms.hpp"
 #include "normkit/cuda.hpp"
 #include "normkit/dtype.hpp"
 #include "normkit/error.hpp"
