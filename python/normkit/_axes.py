@@ -17,9 +17,9 @@ import operator
 import numpy as np
 
 from . import _ext
-from ._channels import _channel_input, _channel_output, _finish
+from ._args import as_eps
 from ._dtypes import as_input, as_int, empty, kernel_view
-from ._functional import _eps
+from ._inputs import channel_input, channel_output, finish_output
 
 __all__ = ["normalize", "normalize_backward", "mean_variance_norm"]
 
@@ -59,11 +59,11 @@ def normalize(x, p=2.0, dim=-1, eps=1e-12, *, out=None):
     computed with float32 statistics. Returns ``y`` (``out`` may be ``x`` itself).
     """
     given = as_input(x, "x")
-    x, bf16 = _channel_input(given)
-    p, dim, eps = _p(p), _dim(dim, x), _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    x, bf16 = channel_input(given)
+    p, dim, eps = _p(p), _dim(dim, x), as_eps(eps)
+    y, copy_to = channel_output(out, x, given)
     _ext.normalize(kernel_view(x), kernel_view(y), p, dim, eps, bf16)
-    return _finish(y, copy_to)
+    return finish_output(y, copy_to)
 
 
 def normalize_backward(dy, x, p=2.0, dim=-1, eps=1e-12):
@@ -72,14 +72,14 @@ def normalize_backward(dy, x, p=2.0, dim=-1, eps=1e-12):
     to ``eps`` the gradient is ``dy / eps``; a slice of zeros with ``eps=0`` gets
     zeros; ``p=inf`` shares the gradient evenly between a slice's maxima (as
     PyTorch's autograd)."""
-    x, bf16 = _channel_input(as_input(x, "x"))
+    x, bf16 = channel_input(as_input(x, "x"))
     dy = as_input(dy, "dy")
     if dy.shape != x.shape:
         raise ValueError(f"dy: expected the shape of x {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy: expected dtype {x.dtype} like x, got {dy.dtype}")
     dy = np.ascontiguousarray(dy)
-    p, dim, eps = _p(p), _dim(dim, x), _eps(eps)
+    p, dim, eps = _p(p), _dim(dim, x), as_eps(eps)
     dx = empty(x.shape, x.dtype)
     _ext.normalize_backward(kernel_view(dy), kernel_view(x), kernel_view(dx), p, dim, eps, bf16)
     return dx
@@ -97,9 +97,9 @@ def mean_variance_norm(x, axes=(0, 2, 3), eps=1e-9, *, out=None):
     ``y`` (``out`` may be ``x`` itself).
     """
     given = as_input(x, "x")
-    x, bf16 = _channel_input(given)
-    axes, eps = _axes(axes), _eps(eps)
-    y, copy_to = _channel_output(out, x, given)
+    x, bf16 = channel_input(given)
+    axes, eps = _axes(axes), as_eps(eps)
+    y, copy_to = channel_output(out, x, given)
     _ext.mean_variance_norm(kernel_view(x), kernel_view(y), axes, eps, bf16)
-    return _finish(y, copy_to)
+    return finish_output(y, copy_to)
 

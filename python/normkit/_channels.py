@@ -13,26 +13,14 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._dtypes import as_input, as_params, check_out, empty, indirect_output, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, kernel_view, stats_dtype
 from ._args import Layout, as_eps, as_momentum, batch_and_channels, layout_name
-from ._epilogue import PLAIN, no_cuda_epilogue, parse, quantized_output
-from ._inputs import channel_input
+from ._epilogue import no_cuda_epilogue, parse
+from ._inputs import channel_input, channel_output, finish_output
 from ._moments import Moments
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
 
-
-
-def _channel_output(out, x, given, epilogue=PLAIN):
-    """(array the kernel writes, array to copy it into afterwards or None)."""
-    if epilogue.quantize:
-        return quantized_output(out, x.shape, epilogue, given)
-    if out is None:
-        return empty(x.shape, x.dtype), None
-    out = check_out(out, x)
-    if out.shape == x.shape and not out.flags.c_contiguous:
-        return indirect_output(out, given, x), out
-    return out, None
 
 
 def _running(stat, name, x_dtype, updated):
@@ -57,15 +45,8 @@ def _running_norm_args(x, running_mean, running_var, weight, bias, momentum, eps
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     momentum, eps = as_momentum(momentum), as_eps(eps)
-    y, copy_to = _channel_output(out, x, given, epilogue)
+    y, copy_to = channel_output(out, x, given, epilogue)
     return x, given, bf16, rm, rv, weight, bias, momentum, eps, y, copy_to
-
-
-def _finish(y, copy_to):
-    if copy_to is not None:
-        np.copyto(copy_to, y)
-        return copy_to
-    return y
 
 
 def _stats(return_stats, shape, x_dtype):
@@ -104,7 +85,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     mean, rstd = _stats(return_stats, (batch_and_channels(x, layout)[1],), x.dtype)
     _ext.batch_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias), training,
                     momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
-    y = _finish(y, copy_to)
+    y = finish_output(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -123,7 +104,7 @@ def _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training,
     _ext.batch_norm_with_stats(kernel_view(x), kernel_view(y), list(stats.shape), stats.count, stats.mean, stats.m2, rm, rv,
                                kernel_view(weight), kernel_view(bias), momentum, eps, layout_name(layout), mean, rstd,
                                bf16, *ep)
-    y = _finish(y, copy_to)
+    y = finish_output(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -148,7 +129,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     mean, rstd = _stats(return_stats, batch_and_channels(x, layout), x.dtype)
     _ext.instance_norm(kernel_view(x), kernel_view(y), rm, rv, kernel_view(weight), kernel_view(bias),
                        use_input_stats, momentum, eps, layout_name(layout), mean, rstd, bf16, *ep)
-    y = _finish(y, copy_to)
+    y = finish_output(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -170,12 +151,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     if weight is not None or bias is not None:
         weight, bias = as_params(x.dtype, (weight, "weight"), (bias, "bias"))
     eps = as_eps(eps)
-    y, copy_to = _channel_output(out, x, given, ep)
+    y, copy_to = channel_output(out, x, given, ep)
     n = x.shape[0] if x.ndim >= 1 else 0
     mean, rstd = _stats(return_stats, (n, max(int(num_groups), 0)), x.dtype)
     _ext.group_norm(kernel_view(x), kernel_view(y), int(num_groups), kernel_view(weight), kernel_view(bias), eps,
                     layout_name(layout), mean, rstd, bf16, *ep)
-    y = _finish(y, copy_to)
+    y = finish_output(y, copy_to)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -205,7 +186,7 @@ def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, activation=None, 
         if style_map.dtype != x.dtype:
             raise TypeError(f"style: expected dtype {x.dtype} like x, got {style_map.dtype}")
         style_map = np.ascontiguousarray(style_map)
-    y, copy_to = _channel_output(out, x, given)
+    y, copy_to = channel_output(out, x, given)
     _ext.adaptive_instance_norm(kernel_view(x), kernel_view(y), kernel_view(style_map), kernel_view(style_mean),
                                 kernel_view(style_std), eps, layout_name(layout), bf16, ep.activation)
-    return _finish(y, copy_to)
+    return finish_output(y, copy_to)

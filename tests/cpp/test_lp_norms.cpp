@@ -380,7 +380,6 @@ TEST_P(LpNorms, Errors) {
       [&] { nk::mean_variance_norm(xv, nk::TensorView<float>(y.data(), {2, 3, 2})); }, ErrorKind::value, "y:"));
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, LpNorms, ::testing::Values("scalar", "avx2", "avx512"),
-                         [](const auto& info) { return info.param; });
+NK_TEST_ON_EVERY_PATH(LpNorms);
 
 }  // namespace

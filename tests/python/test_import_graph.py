@@ -20,8 +20,9 @@ LAYERS = [
     ["_args"],                       # argument handling (layouts, eps, momentum, normalized shapes)
     ["_cuda"],                       # device routing: CUDA arrays to the CUDA backend
     ["_dtypes"],                     # dtypes, array intake, outputs
-    ["_epilogue", "_inputs"],        # the store stage's arguments; x as the kernels read it
-    ["_moments", "_functional", "_fold"],
+    ["_epilogue"],                   # the store stage's arguments
+    ["_inputs"],                     # x as the kernels read it, the output they write
+    ["_moments", "_functional", "_fold", "_axes"],
     ["_channels"],
     ["_backward"],
     ["_layers"],
