@@ -20,6 +20,7 @@ from . import _ext
 from ._args import as_eps
 from ._dtypes import as_input, as_int, empty, kernel_view
 from ._inputs import channel_input, channel_output, finish_output
+from ._arrays import same_kind_out
 
 __all__ = ["normalize", "normalize_backward", "mean_variance_norm"]
 
@@ -48,6 +49,7 @@ def _axes(axes) -> list:
         raise TypeError(f"axes: expected an int or a sequence of ints, got {axes!r}") from None
 
 
+@same_kind_out
 def normalize(x, p=2.0, dim=-1, eps=1e-12, *, out=None):
     """Lp normalization along ``dim``, as ``torch.nn.functional.normalize``.
 
@@ -66,6 +68,7 @@ def normalize(x, p=2.0, dim=-1, eps=1e-12, *, out=None):
     return finish_output(y, copy_to)
 
 
+@same_kind_out
 def normalize_backward(dy, x, p=2.0, dim=-1, eps=1e-12):
     """Gradient of ``normalize``: returns ``dx`` (x's shape and dtype) from ``dy``
     and the forward's ``x``, ``p``, ``dim``, ``eps``. Where the norm is clamped
@@ -85,6 +88,7 @@ def normalize_backward(dy, x, p=2.0, dim=-1, eps=1e-12):
     return dx
 
 
+@same_kind_out
 def mean_variance_norm(x, axes=(0, 2, 3), eps=1e-9, *, out=None):
     """ONNX MeanVarianceNormalization: ``y = (x - mean) / (sqrt(var) + eps)``
     with the mean and biased variance over ``axes`` (any set of axes, negative

@@ -17,6 +17,7 @@ from . import _cuda, _ext
 from ._args import as_eps, layout_name
 from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
 from ._inputs import channel_input, rows_input
+from ._arrays import same_kind_out
 
 __all__ = [
     "layer_norm_backward",
@@ -59,6 +60,7 @@ def _param_grads(weight, shape, with_bias=True):
     return np.empty(shape, dtype=weight.dtype), (np.empty(shape, dtype=weight.dtype) if with_bias else None)
 
 
+@same_kind_out
 def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, stream=None):
     """Gradient of ``layer_norm``: returns ``(dx, dweight, dbias)``."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
@@ -75,6 +77,7 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, str
     return dx, dweight, dbias
 
 
+@same_kind_out
 def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, stream=None):
     """Gradient of ``rms_norm``: returns ``(dx, dweight)``."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
@@ -102,6 +105,7 @@ def _channel_backward_args(dy, x, mean, rstd, weight):
     return dy, x, bf16, mean, rstd, weight, dx, dweight, dbias
 
 
+@same_kind_out
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None, sum_dy=None, sum_dy_xmu=None,
                         count=None, stream=None):
     """Gradient of ``batch_norm``: returns ``(dx, dweight, dbias)``.
@@ -152,6 +156,7 @@ def _batch_norm_backward_global(dy, x, mean, rstd, weight, training, layout, sum
     return dx, dweight, dbias
 
 
+@same_kind_out
 def batch_norm_grad_sums(dy, x, mean, *, layout=None):
     """BatchNorm's backward reductions over this x (one shard of a batch):
     ``(sum_dy, sum_dy_xmu, count)``, float64 (C,) sums of dy and dy * (x - mean)
@@ -166,6 +171,7 @@ def batch_norm_grad_sums(dy, x, mean, *, layout=None):
     return s_dy, s_dy_xmu, count
 
 
+@same_kind_out
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, layout=None, stream=None):
     """Gradient of ``instance_norm``: returns ``(dx, dweight, dbias)``; mean/rstd of shape (N, C)."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
@@ -177,6 +183,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
     return dx, dweight, dbias
 
 
+@same_kind_out
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=None, stream=None):
     """Gradient of ``group_norm``: returns ``(dx, dweight, dbias)``; mean/rstd of shape (N, num_groups)."""
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
@@ -189,6 +196,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=No
     return dx, dweight, dbias
 
 
+@same_kind_out
 def adaptive_instance_norm_backward(dy, x, style, eps=1e-5, *, layout=None, stream=None):
     """Gradient of ``adaptive_instance_norm``: returns ``(dx, dstyle)``.
 

@@ -18,6 +18,7 @@ from ._args import Layout, as_eps, as_momentum, batch_and_channels, layout_name
 from ._epilogue import no_cuda_epilogue, parse
 from ._inputs import channel_input, channel_output, finish_output
 from ._moments import Moments
+from ._arrays import is_array_object, same_kind_out
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "adaptive_instance_norm", "Layout"]
 
@@ -29,8 +30,9 @@ def _running(stat, name, x_dtype, updated):
         return None
     if not isinstance(stat, np.ndarray):
         _cuda.reject_device_array(stat, name)
-        raise TypeError(f"{name}: expected a NumPy array, got {type(stat).__name__}")
-    as_input(stat, name)  # dtype check
+        if not is_array_object(stat):  # a list would be updated in a copy and lost
+            raise TypeError(f"{name}: expected an array (NumPy, torch, DLPack), got {type(stat).__name__}")
+    stat = as_input(stat, name)  # a view of stat's memory; dtype check
     if updated and not stat.flags.writeable:
         raise ValueError(f"{name}: array is read-only, but it is updated in place in training")
     return kernel_view(stat)
@@ -56,6 +58,7 @@ def _stats(return_stats, shape, x_dtype):
     return np.empty(shape, dtype=dt), np.empty(shape, dtype=dt)
 
 
+@same_kind_out
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, layout=None, activation=None, quantize=None, scale=None, out=None, return_stats=False, stats=None,
                stream=None):
@@ -108,6 +111,7 @@ def _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training,
     return (y, mean, rstd) if return_stats else y
 
 
+@same_kind_out
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, layout=None, activation=None, out=None, return_stats=False, stream=None):
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
@@ -133,6 +137,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     return (y, mean, rstd) if return_stats else y
 
 
+@same_kind_out
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, activation=None, quantize=None,
                scale=None, out=None, return_stats=False, stream=None):
     """Group normalization, as ``torch.nn.functional.group_norm``: statistics per
@@ -160,6 +165,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     return (y, mean, rstd) if return_stats else y
 
 
+@same_kind_out
 def adaptive_instance_norm(x, style, eps=1e-5, *, layout=None, activation=None, out=None, stream=None):
     """Adaptive instance normalization (AdaIN, Huang & Belongie 2017).
 

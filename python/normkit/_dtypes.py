@@ -1,4 +1,5 @@
-"""Array intake shared by every normkit function: dtype checks, bfloat16 views."""
+"""Array intake shared by every normkit function: dtype checks, bfloat16 views.
+Arrays of other libraries arrive as NumPy views through _arrays."""
 
 from __future__ import annotations
 
@@ -7,14 +8,7 @@ import operator
 import numpy as np
 
 from . import _cuda, _ext
-
-try:  # bfloat16 arrays come from ml_dtypes (optional)
-    import ml_dtypes as _ml_dtypes
-
-    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
-    FLOAT8_E4M3 = np.dtype(_ml_dtypes.float8_e4m3fn)  # quantized outputs only
-except ImportError:  # pragma: no cover - depends on the environment
-    BFLOAT16 = FLOAT8_E4M3 = None
+from ._arrays import BFLOAT16, FLOAT8_E4M3, to_numpy
 
 FLOAT16 = np.dtype(np.float16)
 FLOAT32 = np.dtype(np.float32)
@@ -37,13 +31,11 @@ def stats_dtype(dtype) -> np.dtype:
 
 
 def as_input(x, name: str) -> np.ndarray:
-    """x as a NumPy array of a supported float dtype (no copy when it already is one)."""
+    """x as a NumPy array of a supported float dtype (no copy when it already is one, nor
+    for a torch tensor or DLPack array: a view of its memory)."""
     if not isinstance(x, np.ndarray):
         _cuda.reject_device_array(x, name)
-        try:
-            x = np.asarray(x)
-        except Exception as exc:  # e.g. objects that refuse conversion
-            raise TypeError(f"{name}: expected {_EXPECTED}, got {type(x).__name__}") from exc
+        x = to_numpy(x, name)
     dt = x.dtype
     if dt == FLOAT32 or dt == FLOAT64 or dt == FLOAT16 or is_bf16(dt):
         return x
@@ -92,11 +84,12 @@ def kernel_view(a: np.ndarray | None):
 
 
 def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
-    """A caller-given output array: a writable NumPy array of x's dtype. Its
-    shape and overlap with x are checked by the C++ core, which names it `out` too."""
+    """A caller-given output array: a writable array of x's dtype (of any kind: a view of
+    its memory). Its shape and overlap with x are checked by the C++ core, which names
+    it `out` too."""
     if not isinstance(out, np.ndarray):
         _cuda.reject_device_array(out, name)
-        raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+        out = to_numpy(out, name)
     if out.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")
     if not out.flags.writeable:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._arrays import to_numpy
 from ._cuda import reject_device_array
 from ._dtypes import FLOAT8_E4M3, elements_overlap, empty
 
@@ -81,12 +82,12 @@ def output_dtype(epilogue: Epilogue, x_dtype) -> np.dtype:
 
 
 def check_quantized_out(out, epilogue: Epilogue) -> np.ndarray:
-    """A caller-given output for a quantized call: a writable NumPy array of the
+    """A caller-given output for a quantized call: a writable array (of any kind) of the
     quantized dtype (shape and overlap are checked by the C++ core)."""
     name = QUANTIZE[epilogue.quantize - 1]
     if not isinstance(out, np.ndarray):
         reject_device_array(out, "out")
-        raise TypeError(f"out: expected a NumPy array, got {type(out).__name__}")
+        out = to_numpy(out, "out")
     expected = output_dtype(epilogue, None)
     if out.dtype != expected:
         raise TypeError(f"out: expected dtype {expected} for quantize={name!r}, got {out.dtype}")

@@ -7,6 +7,7 @@ import numpy as np
 from . import _ext
 from ._dtypes import FLOAT32, as_input, as_int, is_16bit, is_bf16, kernel_view
 from ._args import as_eps
+from ._arrays import same_kind_out
 
 __all__ = ["fold_batch_norm"]
 
@@ -53,6 +54,7 @@ def new_outputs(weight: np.ndarray, transpose: bool, groups: int):
     )
 
 
+@same_kind_out
 def fold_batch_norm(weight, bias, running_mean, running_var, eps, bn_weight, bn_bias, *, transpose=False, groups=1):
     """Folds an inference BatchNorm into the convolution or linear layer before it.
 

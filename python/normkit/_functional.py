@@ -10,6 +10,7 @@ from ._dtypes import as_input, as_params, check_out, empty, indirect_output, is_
 from ._args import as_eps
 from ._epilogue import PLAIN, no_cuda_epilogue, parse, quantized_output, results
 from ._inputs import rows_input
+from ._arrays import same_kind_out
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
@@ -37,6 +38,7 @@ def _stats_shape(x, k):
     return x.shape[: x.ndim - k] + (1,) * k
 
 
+@same_kind_out
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None, quantize=None, scale=None,
                out=None, return_stats=False, stream=None):
     """Layer normalization over the trailing ``normalized_shape`` dims of ``x``.
@@ -79,6 +81,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activat
     return results(y, scales, None, (mean, rstd) if return_stats else ())
 
 
+@same_kind_out
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, activation=None, quantize=None, scale=None, out=None,
              return_stats=False, stream=None):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
@@ -164,6 +167,7 @@ def _add_rows_norm(rms, x, residual, normalized_shape, weight, bias, eps, residu
     return results(y, scales, s, (rstd,) if rms else (mean, rstd))
 
 
+@same_kind_out
 def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual_bias=None,
                    activation=None, quantize=None, scale=None, out=None, sum_out=None, return_stats=False):
     """Residual add + LayerNorm (ONNX Runtime's SkipLayerNormalization).
@@ -180,6 +184,7 @@ def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e
                           scale, out, sum_out, return_stats)
 
 
+@same_kind_out
 def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, residual_bias=None, activation=None,
                  quantize=None, scale=None, out=None, sum_out=None, return_stats=False):
     """Residual add + RMSNorm (vLLM's fused_add_rms_norm, ONNX Runtime's

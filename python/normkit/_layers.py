@@ -44,6 +44,7 @@ import numpy as np
 
 from . import _cuda, _ext
 from ._args import Layout, as_eps, as_normalized_shape, layout_name
+from ._arrays import like_input
 from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, as_input, as_int, empty, is_bf16
 from ._epilogue import ACTIVATIONS
 from ._epilogue import parse as parse_epilogue
@@ -127,7 +128,8 @@ class _Layer:
     # ----------------------------------------------------------------- forward / backward
 
     def __call__(self, x):
-        """y = layer(x): a new array of x's shape and dtype."""
+        """y = layer(x): a new array of x's shape and dtype (and kind: torch in, torch out)."""
+        given = x
         if type(x) is not np.ndarray or not x.flags.c_contiguous:
             if _cuda.is_cuda(x):
                 raise ValueError(
@@ -145,7 +147,7 @@ class _Layer:
             self._forward(x, y, False)
         if self.training:
             self._saved_x = x  # the C++ layer keeps a view of x for backward
-        return y
+        return y if type(given) is np.ndarray else like_input(given, y)
 
     forward = __call__
 
@@ -157,6 +159,7 @@ class _Layer:
                 "backward: needs a forward in training mode since the last backward "
                 "(call layer.train() and run layer(x) first)"
             )
+        given = dy
         if type(dy) is not np.ndarray:
             dy = as_input(dy, "dy")
         if dy.dtype != x.dtype:
@@ -172,7 +175,7 @@ class _Layer:
         else:
             self._backward(dy, dx, False)
         self._saved_x = None  # backward consumed the saved state
-        return dx
+        return dx if type(given) is np.ndarray else like_input(given, dx)
 
     # ----------------------------------------------------------------- mode
 

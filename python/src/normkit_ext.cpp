@@ -31,6 +31,7 @@ void bind_fold(nb::module_& m);    // fold_bind.cpp (after bind_layers: adds _Ba
 void bind_cuda(nb::module_& m);    // cuda_bind.cpp
 void bind_moments(nb::module_& m); // moments_bind.cpp
 void bind_axis_norms(nb::module_& m);  // axis_norms_bind.cpp
+void bind_dlpack(nb::module_& m);  // dlpack_bind.cpp
 
 NB_MODULE(_ext, m) {
   m.doc() = "normkit's compiled core. Use the functions of the `normkit` package.";
@@ -328,4 +329,5 @@ NB_MODULE(_ext, m) {
   bind_cuda(m);
   bind_moments(m);
   bind_axis_norms(m);
+  bind_dlpack(m);
 }

@@ -19,6 +19,7 @@ LAYERS = [
     ["_ext"],
     ["_args"],                       # argument handling (layouts, eps, momentum, normalized shapes)
     ["_cuda"],                       # device routing: CUDA arrays to the CUDA backend
+    ["_arrays"],                     # arrays of other libraries in (NumPy views), the same kind out
     ["_dtypes"],                     # dtypes, array intake, outputs
     ["_epilogue"],                   # the store stage's arguments
     ["_inputs"],                     # x as the kernels read it, the output they write
