@@ -44,7 +44,6 @@ _NO_ML_DTYPES = "bfloat16 arrays need ml_dtypes (pip install ml_dtypes)"
 
 # The outputs a caller may pass; each is returned as itself.
 _OUT_ARGS = ("out", "sum_out")
-_NUMPY_OR_NONE = (type(None), np.ndarray)
 
 
 def _torch():
@@ -120,6 +119,15 @@ def is_array_object(a) -> bool:
     return is_torch_tensor(a) or hasattr(type(a), "__dlpack__") or isinstance(a, memoryview)
 
 
+def foreign_out(out, name: str) -> np.ndarray:
+    """A caller's output that is not a NumPy array, as a view of its memory (a list or other
+    object np.asarray would copy is refused: the results would be lost in the copy)."""
+    _cuda.reject_device_array(out, name)
+    if not is_array_object(out):
+        raise TypeError(f"{name}: expected an array to write into (NumPy, torch, DLPack), got {type(out).__name__}")
+    return to_numpy(out, name)
+
+
 def _data_address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
@@ -127,7 +135,7 @@ def _data_address(a: np.ndarray) -> int:
 def _restorer(x, given_outs):
     """How a NumPy result goes back to the caller: as one of the outputs it passed, or
     converted to x's kind."""
-    outs = [(o, to_numpy(o, name)) for name, o in given_outs]
+    outs = [(o, o if type(o) is np.ndarray else to_numpy(o, name)) for name, o in given_outs]
 
     if is_torch_tensor(x):
         convert = numpy_to_torch
@@ -158,8 +166,8 @@ def _restorer(x, given_outs):
 def like_input(x, result, kwargs=None):
     """``result`` (one NumPy array or a tuple) as the caller gets it back: a passed ``out=``
     / ``sum_out=`` as itself, other arrays in x's kind."""
-    given_outs = [(n, kwargs[n]) for n in _OUT_ARGS if type(kwargs.get(n)) not in _NUMPY_OR_NONE] if kwargs else ()
-    if type(x) is np.ndarray and not given_outs:
+    given_outs = [(n, kwargs[n]) for n in _OUT_ARGS if kwargs.get(n) is not None] if kwargs else ()
+    if type(x) is np.ndarray and all(type(o) is np.ndarray for _, o in given_outs):
         return result
     if _cuda.is_cuda(x):
         return result  # the CUDA backend's outputs are already x's kind

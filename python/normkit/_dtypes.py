@@ -8,7 +8,7 @@ import operator
 import numpy as np
 
 from . import _cuda, _ext
-from ._arrays import BFLOAT16, FLOAT8_E4M3, to_numpy
+from ._arrays import BFLOAT16, FLOAT8_E4M3, foreign_out, to_numpy
 
 FLOAT16 = np.dtype(np.float16)
 FLOAT32 = np.dtype(np.float32)
@@ -88,8 +88,7 @@ def check_out(out, x: np.ndarray, name: str = "out") -> np.ndarray:
     its memory). Its shape and overlap with x are checked by the C++ core, which names
     it `out` too."""
     if not isinstance(out, np.ndarray):
-        _cuda.reject_device_array(out, name)
-        out = to_numpy(out, name)
+        out = foreign_out(out, name)
     if out.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {out.dtype}")
     if not out.flags.writeable:

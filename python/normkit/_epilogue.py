@@ -13,8 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._arrays import to_numpy
-from ._cuda import reject_device_array
+from ._arrays import foreign_out
 from ._dtypes import FLOAT8_E4M3, elements_overlap, empty
 
 ACTIVATIONS = ("relu", "silu", "gelu", "gelu_tanh")
@@ -86,8 +85,7 @@ def check_quantized_out(out, epilogue: Epilogue) -> np.ndarray:
     quantized dtype (shape and overlap are checked by the C++ core)."""
     name = QUANTIZE[epilogue.quantize - 1]
     if not isinstance(out, np.ndarray):
-        reject_device_array(out, "out")
-        out = to_numpy(out, "out")
+        out = foreign_out(out, "out")
     expected = output_dtype(epilogue, None)
     if out.dtype != expected:
         raise TypeError(f"out: expected dtype {expected} for quantize={name!r}, got {out.dtype}")

@@ -11,6 +11,7 @@ zero strides): they must work and give the same result as a contiguous copy.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 
 import numpy as np
@@ -28,6 +29,35 @@ def _ro(a):
     return a
 
 
+class _DLPackOnly:
+    """An array of another library that speaks DLPack only (as JAX's or an Array API library's)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def _consumed_capsule(call):
+    capsule = R.__dlpack__()
+    call(capsule)  # reads it: DLPack capsules are single-use
+    return call(capsule)
+
+
+_CAPSULE_TARGET = ctypes.c_int(1)
+
+
+def _other_capsule():
+    """A capsule of another kind, as C extensions hand out."""
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return new(ctypes.addressof(_CAPSULE_TARGET), b"not_a_tensor", None)
+
+
 # (group, input, call, exception or None, message start)
 ROWS = [
     # dtypes
@@ -35,6 +65,8 @@ ROWS = [
     ("dtype", "x of bool", lambda: normkit.batch_norm(X > 1, None, None, training=True), TypeError, "x: expected a floating-point array"),
     ("dtype", "x of complex64", lambda: normkit.rms_norm(R.astype(np.complex64), 8), TypeError, "x: expected a floating-point array"),
     ("dtype", "x of object", lambda: normkit.group_norm(X.astype(object), 2), TypeError, "x: expected a floating-point array"),
+    ("dtype", "x a DLPack capsule already consumed", lambda: _consumed_capsule(lambda c: normkit.layer_norm(c, 8)), ValueError, "x: is a DLPack capsule that was already consumed"),
+    ("dtype", "x a capsule that is not DLPack", lambda: normkit.layer_norm(_other_capsule(), 8), ValueError, "x: is a capsule that is not a DLPack tensor"),
     ("dtype", "x a string", lambda: normkit.layer_norm("abc", 3), TypeError, "x: expected a floating-point array"),
     ("dtype", "weight of int64", lambda: normkit.layer_norm(R, 8, np.ones(8, np.int64)), TypeError, "weight: expected a floating-point array"),
     ("dtype", "dy of float64 for float32 x", lambda: normkit.layer_norm_backward(R.astype(np.float64), R, R[:, :1], R[:, :1], 8), TypeError, "dy: expected dtype float32"),
@@ -67,7 +99,8 @@ ROWS = [
     ("out", "out of the wrong dtype", lambda: normkit.layer_norm(R, 8, out=np.empty((6, 8), np.float64)), TypeError, "out: expected dtype float32"),
     ("out", "out read-only", lambda: normkit.group_norm(X, 2, out=_ro(X)), ValueError, "out: array is read-only"),
     ("out", "out overlapping x in part", lambda: (lambda b: normkit.layer_norm(b[:6], 8, out=b[1:7]))(np.ones((7, 8), np.float32)), ValueError, "out: overlaps x"),
-    ("out", "out a list", lambda: normkit.layer_norm(R, 8, out=[0.0] * 48), TypeError, "out: expected a NumPy array"),
+    ("out", "out a list", lambda: normkit.layer_norm(R, 8, out=[0.0] * 48), TypeError, "out: expected an array to write into"),
+    ("out", "out read-only through DLPack (the producer's flag)", lambda: normkit.layer_norm(R, 8, out=_DLPackOnly(_ro(R))), ValueError, "out: array is read-only"),
     ("out", "out a broadcast view (zero strides)", lambda: normkit.layer_norm(R, 8, out=np.broadcast_to(np.float32(0), R.shape)), ValueError, "out: array is read-only"),
     ("out", "out a writable broadcast view (as_strided, zero strides)", lambda: normkit.layer_norm(R, 8, out=np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), R.shape, (0, 4))), ValueError, "out: its elements overlap each other"),
     ("out", "out with rows overlapping each other", lambda: normkit.group_norm(X, 2, out=np.lib.stride_tricks.as_strided(np.zeros(80, np.float32), X.shape, (4, 4, 12, 4))), ValueError, "out: its elements overlap each other"),

@@ -648,12 +648,12 @@ def test_noncontiguous_out(norm, rng):
 def test_torch_tensor_input(torch, rng):
     x = make_cf(rng, N, 5, 4, 7, np.float32)
     rm, rv = make_running(rng, 5, np.float32)
-    y = normkit.batch_norm(torch.from_numpy(x), rm, rv)
-    assert isinstance(y, np.ndarray) and same_bits(y, normkit.batch_norm(x, rm, rv))
-    assert same_bits(normkit.group_norm(torch.from_numpy(x), 5), normkit.group_norm(x, 5))
+    y = normkit.batch_norm(torch.from_numpy(x), rm, rv)  # torch in, torch out (test_arrays.py has the rest)
+    assert isinstance(y, torch.Tensor) and same_bits(y.numpy(), normkit.batch_norm(x, rm, rv))
+    assert same_bits(normkit.group_norm(torch.from_numpy(x), 5).numpy(), normkit.group_norm(x, 5))
     xl = torch.from_numpy(x).permute(0, 2, 3, 1)  # a channels-last view
-    assert same_bits(normkit.instance_norm(xl, layout="NHWC"), normkit.instance_norm(in_layout(x, "NHWC"),
-                                                                                      layout="NHWC"))
+    assert same_bits(normkit.instance_norm(xl, layout="NHWC").numpy(),
+                     normkit.instance_norm(in_layout(x, "NHWC"), layout="NHWC"))
 
 
 # --------------------------------------------------------------------------- empty arrays

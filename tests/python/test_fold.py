@@ -419,7 +419,9 @@ def test_torch_parameters_as_inputs(rng):
     bn = torch.nn.BatchNorm2d(6).eval()
     fw, fb = normkit.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                      bn.bias)
-    assert fw.dtype == np.float32 and fb.shape == (6,)
+    # results follow the first argument's kind: torch tensors, which record no autograd
+    assert isinstance(fw, torch.Tensor) and fw.dtype == torch.float32 and fb.shape == (6,)
+    assert not fw.requires_grad and not fb.requires_grad
 
 
 def _bn_eval(torch, y, problem, eps):
