@@ -31,10 +31,10 @@ UNTESTED_PATHS = [p for p in normkit.info()["kernel_paths_compiled"] if p not in
 # Modules that run once, on the default path: they reach no kernel (stubs, import graph,
 # examples, the bad-input table's docs check), run their kernels in subprocesses (MPI, the
 # examples), test the path switching itself, target the CUDA backend, or test the array
-# intake, which is the same on every path.
+# intake, which is the same on every path, or compile models (torch.compile, once).
 PATH_FREE_MODULES = {
     "test_runtime", "test_stubs", "test_import_graph", "test_examples", "test_cuda", "test_distributed",
-    "test_concurrency", "test_memory", "test_arrays",
+    "test_concurrency", "test_memory", "test_arrays", "test_torch_compile",
 }
 
 

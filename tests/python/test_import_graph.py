@@ -27,7 +27,7 @@ LAYERS = [
     ["_channels"],
     ["_backward"],
     ["_layers"],
-    ["distributed"],
+    ["distributed"],                 # (and the normkit.torch package, which only `import normkit.torch` loads)
     ["__init__", "__main__"],
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
@@ -93,6 +93,7 @@ def test_import_normkit_runs_each_module_once():
         "mine = {k: v for k, v in counts.items() if k == 'normkit' or k.startswith('normkit.')}\n"
         "assert mine and all(v == 1 for v in mine.values()), mine\n"
         "assert 'mpi4py' not in sys.modules, 'import normkit imported mpi4py'\n"
+        "assert 'torch' not in sys.modules, 'import normkit imported torch'\n"
         "print(len(mine))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
