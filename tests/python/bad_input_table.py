@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 import normkit
+from helpers import DLPackOnly
 
 X = np.arange(2 * 4 * 3 * 3, dtype=np.float32).reshape(2, 4, 3, 3) / 7
 R = np.arange(6 * 8, dtype=np.float32).reshape(6, 8) / 5
@@ -27,19 +28,6 @@ def _ro(a):
     a = a.copy()
     a.flags.writeable = False
     return a
-
-
-class _DLPackOnly:
-    """An array of another library that speaks DLPack only (as JAX's or an Array API library's)."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kwargs):
-        return self._a.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
 
 
 def _consumed_capsule(call):
@@ -100,7 +88,7 @@ ROWS = [
     ("out", "out read-only", lambda: normkit.group_norm(X, 2, out=_ro(X)), ValueError, "out: array is read-only"),
     ("out", "out overlapping x in part", lambda: (lambda b: normkit.layer_norm(b[:6], 8, out=b[1:7]))(np.ones((7, 8), np.float32)), ValueError, "out: overlaps x"),
     ("out", "out a list", lambda: normkit.layer_norm(R, 8, out=[0.0] * 48), TypeError, "out: expected an array to write into"),
-    ("out", "out read-only through DLPack (the producer's flag)", lambda: normkit.layer_norm(R, 8, out=_DLPackOnly(_ro(R))), ValueError, "out: array is read-only"),
+    ("out", "out read-only through DLPack (the producer's flag)", lambda: normkit.layer_norm(R, 8, out=DLPackOnly(_ro(R))), ValueError, "out: array is read-only"),
     ("out", "out a broadcast view (zero strides)", lambda: normkit.layer_norm(R, 8, out=np.broadcast_to(np.float32(0), R.shape)), ValueError, "out: array is read-only"),
     ("out", "out a writable broadcast view (as_strided, zero strides)", lambda: normkit.layer_norm(R, 8, out=np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), R.shape, (0, 4))), ValueError, "out: its elements overlap each other"),
     ("out", "out with rows overlapping each other", lambda: normkit.group_norm(X, 2, out=np.lib.stride_tricks.as_strided(np.zeros(80, np.float32), X.shape, (4, 4, 12, 4))), ValueError, "out: its elements overlap each other"),

@@ -6,6 +6,7 @@
   ``dtype_name``;
 - data: ``make_x``, ``make_params``;
 - array layouts: ``in_layout``, ``to_last``, ``from_last``;
+- arrays of other libraries: ``DLPackOnly`` (an object that speaks DLPack and nothing else);
 - comparisons: ``same_bits``, ``tolerance``, ``assert_close``,
   ``assert_stats_close``, ``assert_running_close`` and the tolerance constants.
 
@@ -197,3 +198,20 @@ def assert_running_close(actual, ref, what):
         tol = ULPS16 * machine_eps(actual.dtype) * np.abs(ref) + TOL32 * np.maximum(1.0, np.abs(ref))
     err = np.abs(a - ref)
     assert np.all(err <= tol), f"{what}: max |err| {err.max():.3g}; got {a}, expected {ref}"
+
+
+# --------------------------------------------------------------------------- other libraries' arrays
+
+
+class DLPackOnly:
+    """An array of some library that offers DLPack and nothing else (no __array__, no buffer),
+    as JAX's or an Array API library's arrays do."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import normkit
-from helpers import np_dtype, raises_prefixed, same_bits
+from helpers import DLPackOnly, np_dtype, raises_prefixed, same_bits
 
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 
@@ -252,19 +252,6 @@ def test_torch_non_contiguous_input(torch, rng):
 
 
 # ------------------------------------------------------------------ other DLPack and buffer objects
-
-
-class DLPackOnly:
-    """An array of some library that offers DLPack and nothing else (no __array__, no buffer)."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kwargs):
-        return self._a.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
 
 
 class _Namespace:

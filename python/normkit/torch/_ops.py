@@ -59,9 +59,20 @@ def _channel_view(x: Tensor):
     return x, _CHANNELS_FIRST[x.dim()], lambda y: y
 
 
-def _like_x_memory(y: Tensor, x: Tensor) -> Tensor:
-    """A fake output with x's memory format (what the real operator returns)."""
-    return y.contiguous(memory_format=_MEMORY_FORMAT[x.dim()]) if _is_channels_last(x) else y
+def _channel_output_fake(x: Tensor) -> Tensor:
+    """A fake channel-norm output: x's shape and dtype, channels_last when x is (as the real one)."""
+    fmt = _MEMORY_FORMAT[x.dim()] if _is_channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
+
+
+def _channel_backward(grad_fn, dy, x, mean, rstd, weight, *args, **kwargs):
+    """(dx, dweight, dbias) of a channel norm, with dy read in x's layout."""
+    view, layout, back = _channel_view(_d(x))
+    dy = _d(dy)
+    if layout in ("NHWC", "NDHWC"):
+        dy = dy.permute(_CHANNELS_LAST[x.dim()][1])
+    dx, dw, db = grad_fn(dy, view, _d(mean), _d(rstd), *args, weight=_d(weight), layout=layout, **kwargs)
+    return back(dx), _or_empty(dw, x), _or_empty(db, x)
 
 
 def _param_grad(g: Optional[Tensor], p: Optional[Tensor]):
@@ -180,22 +191,18 @@ def group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Op
 @group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
-    return _like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x), stats, torch.empty_like(stats)
+    return _channel_output_fake(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("normkit::group_norm_backward", mutates_args=())
 def group_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
                            weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    view, layout, back = _channel_view(_d(x))
-    dy_view = _d(dy).permute(_CHANNELS_LAST[x.dim()][1]) if layout in ("NHWC", "NDHWC") else _d(dy)
-    dx, dw, db = normkit.group_norm_backward(dy_view, view, _d(mean), _d(rstd), num_groups, _d(weight), layout=layout)
-    return back(dx), _or_empty(dw, x), _or_empty(db, x)
+    return _channel_backward(normkit.group_norm_backward, dy, x, mean, rstd, weight, num_groups)
 
 
 @group_norm_backward_op.register_fake
 def _(dy, x, mean, rstd, num_groups, weight):
-    return (_like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x),
-            *_param_grads_fake(x, weight))
+    return (_channel_output_fake(x), *_param_grads_fake(x, weight))
 
 
 def _group_norm_setup(ctx, inputs, output):
@@ -213,60 +220,66 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 group_norm_op.register_autograd(_group_norm_backward, setup_context=_group_norm_setup)
 
 
-def _running_copy(r: Optional[Tensor]) -> Optional[Tensor]:
-    return None if r is None else r.detach().clone()
+# BatchNorm and InstanceNorm: running statistics in, their updates out as new tensors.
+
+def _running_norm(norm, x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps):
+    view, layout, back = _channel_view(_d(x))
+    rm = None if running_mean is None else running_mean.detach().clone()
+    rv = None if running_var is None else running_var.detach().clone()
+    y, mean, rstd = norm(view, rm, rv, _d(weight), _d(bias), use_batch_stats, momentum, eps, layout=layout,
+                         return_stats=True)
+    return back(y), mean, rstd, _or_empty(rm, x), _or_empty(rv, x)
+
+
+def _running_norm_fake(x, running_mean, running_var, stats_shape):
+    stats = x.new_empty(stats_shape, dtype=_stats_dtype(x))
+    rm = x.new_empty(0) if running_mean is None else torch.empty_like(running_mean)
+    rv = x.new_empty(0) if running_var is None else torch.empty_like(running_var)
+    return _channel_output_fake(x), stats, torch.empty_like(stats), rm, rv
+
+
+def _register_running_norm_autograd(op, backward_op):
+    """Autograd of an operator (x, running_mean, running_var, weight, bias, flag, momentum, eps)."""
+
+    def setup(ctx, inputs, output):
+        x, _, _, weight, bias, use_batch_stats, _, _ = inputs
+        ctx.save_for_backward(x, output[1], output[2], weight)
+        ctx.use_batch_stats, ctx.has_bias = use_batch_stats, bias is not None
+
+    def backward(ctx, dy, *_unused_grads):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dx, dw, db = backward_op(dy, x, mean, rstd, weight, ctx.use_batch_stats)
+        db = _param_grad(db, weight) if ctx.has_bias else None
+        return dx, None, None, _param_grad(dw, weight), db, None, None, None
+
+    op.register_autograd(backward, setup_context=setup)
 
 
 @torch.library.custom_op("normkit::batch_norm", mutates_args=())
 def batch_norm_op(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor],
                   bias: Optional[Tensor], training: bool, momentum: float,
                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, rstd, new running_mean, new running_var); mean/rstd are what normalized x."""
-    view, layout, back = _channel_view(_d(x))
-    rm, rv = _running_copy(running_mean), _running_copy(running_var)
-    y, mean, rstd = normkit.batch_norm(view, rm, rv, _d(weight), _d(bias), training, momentum, eps, layout=layout,
-                                       return_stats=True)
-    return back(y), mean, rstd, _or_empty(rm, x), _or_empty(rv, x)
+    """(y, mean, rstd of shape (C,) that normalized x, new running_mean, new running_var)."""
+    return _running_norm(normkit.batch_norm, x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 @batch_norm_op.register_fake
 def _(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    stats = x.new_empty((x.shape[1],), dtype=_stats_dtype(x))
-    rm = x.new_empty(0) if running_mean is None else torch.empty_like(running_mean)
-    rv = x.new_empty(0) if running_var is None else torch.empty_like(running_var)
-    return (_like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x), stats,
-            torch.empty_like(stats), rm, rv)
+    return _running_norm_fake(x, running_mean, running_var, (x.shape[1],))
 
 
 @torch.library.custom_op("normkit::batch_norm_backward", mutates_args=())
 def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                            training: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    view, layout, back = _channel_view(_d(x))
-    dy_view = _d(dy).permute(_CHANNELS_LAST[x.dim()][1]) if layout in ("NHWC", "NDHWC") else _d(dy)
-    dx, dw, db = normkit.batch_norm_backward(dy_view, view, _d(mean), _d(rstd), _d(weight), training=training,
-                                             layout=layout)
-    return back(dx), _or_empty(dw, x), _or_empty(db, x)
+    return _channel_backward(normkit.batch_norm_backward, dy, x, mean, rstd, weight, training=training)
 
 
 @batch_norm_backward_op.register_fake
 def _(dy, x, mean, rstd, weight, training):
-    return (_like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x),
-            *_param_grads_fake(x, weight))
+    return (_channel_output_fake(x), *_param_grads_fake(x, weight))
 
 
-def _batch_norm_setup(ctx, inputs, output):
-    x, _, _, weight, bias, training, _, _ = inputs
-    ctx.save_for_backward(x, output[1], output[2], weight)
-    ctx.training, ctx.has_bias = training, bias is not None
-
-
-def _batch_norm_backward(ctx, dy, _dmean, _drstd, _drm, _drv):
-    x, mean, rstd, weight = ctx.saved_tensors
-    dx, dw, db = batch_norm_backward_op(dy, x, mean, rstd, weight, ctx.training)
-    return dx, None, None, _param_grad(dw, weight), _param_grad(db, weight) if ctx.has_bias else None, None, None, None
-
-
-batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup)
+_register_running_norm_autograd(batch_norm_op, batch_norm_backward_op)
 
 
 @torch.library.custom_op("normkit::instance_norm", mutates_args=())
@@ -274,48 +287,25 @@ def instance_norm_op(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
                      weight: Optional[Tensor], bias: Optional[Tensor], use_input_stats: bool, momentum: float,
                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd of shape (N, C), new running_mean, new running_var)."""
-    view, layout, back = _channel_view(_d(x))
-    rm, rv = _running_copy(running_mean), _running_copy(running_var)
-    y, mean, rstd = normkit.instance_norm(view, rm, rv, _d(weight), _d(bias), use_input_stats, momentum, eps,
-                                          layout=layout, return_stats=True)
-    return back(y), mean, rstd, _or_empty(rm, x), _or_empty(rv, x)
+    return _running_norm(normkit.instance_norm, x, running_mean, running_var, weight, bias, use_input_stats,
+                         momentum, eps)
 
 
 @instance_norm_op.register_fake
 def _(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-    stats = x.new_empty((x.shape[0], x.shape[1]), dtype=_stats_dtype(x))
-    rm = x.new_empty(0) if running_mean is None else torch.empty_like(running_mean)
-    rv = x.new_empty(0) if running_var is None else torch.empty_like(running_var)
-    return (_like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x), stats,
-            torch.empty_like(stats), rm, rv)
+    return _running_norm_fake(x, running_mean, running_var, (x.shape[0], x.shape[1]))
 
 
 @torch.library.custom_op("normkit::instance_norm_backward", mutates_args=())
 def instance_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
                               use_input_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    view, layout, back = _channel_view(_d(x))
-    dy_view = _d(dy).permute(_CHANNELS_LAST[x.dim()][1]) if layout in ("NHWC", "NDHWC") else _d(dy)
-    dx, dw, db = normkit.instance_norm_backward(dy_view, view, _d(mean), _d(rstd), _d(weight),
-                                                use_input_stats=use_input_stats, layout=layout)
-    return back(dx), _or_empty(dw, x), _or_empty(db, x)
+    return _channel_backward(normkit.instance_norm_backward, dy, x, mean, rstd, weight,
+                             use_input_stats=use_input_stats)
 
 
 @instance_norm_backward_op.register_fake
 def _(dy, x, mean, rstd, weight, use_input_stats):
-    return (_like_x_memory(torch.empty_like(x, memory_format=torch.contiguous_format), x),
-            *_param_grads_fake(x, weight))
+    return (_channel_output_fake(x), *_param_grads_fake(x, weight))
 
 
-def _instance_norm_setup(ctx, inputs, output):
-    x, _, _, weight, bias, use_input_stats, _, _ = inputs
-    ctx.save_for_backward(x, output[1], output[2], weight)
-    ctx.use_input_stats, ctx.has_bias = use_input_stats, bias is not None
-
-
-def _instance_norm_backward(ctx, dy, _dmean, _drstd, _drm, _drv):
-    x, mean, rstd, weight = ctx.saved_tensors
-    dx, dw, db = instance_norm_backward_op(dy, x, mean, rstd, weight, ctx.use_input_stats)
-    return dx, None, None, _param_grad(dw, weight), _param_grad(db, weight) if ctx.has_bias else None, None, None, None
-
-
-instance_norm_op.register_autograd(_instance_norm_backward, setup_context=_instance_norm_setup)
+_register_running_norm_autograd(instance_norm_op, instance_norm_backward_op)
