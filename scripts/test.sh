@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need, builds and installs
-# normkit, then runs the Python tests (pytest), checks the wheel (build,
-# auditwheel repair, fresh venv, smoke test), builds and runs the C++ example
-# against the installed C++ package, checks the package's CMake errors, runs
+# The whole test suite: installs what the tests need (CMake and Ninja from PyPI
+# where missing), builds and installs normkit, then runs the Python tests
+# (pytest), checks the release wheel and the sdist (scripts/check_wheel.sh),
+# builds and runs the C++ example against the installed C++ package, checks the package's CMake errors, runs
 # the C++ tests (GoogleTest, via ctest), builds the CUDA backend with nvcc and
 # runs its host-side tests, runs the C++ tests again under ASan+UBSan and TSan,
 # and fuzzes the C++ entry points.
@@ -28,9 +28,42 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# --- pip, CMake and Ninja ----------------------------------------------------------
+# pip installs into PYTHON's environment. A system Python marked externally managed
+# (PEP 668) refuses: say what to do rather than override it (--break-system-packages).
+pip_install() {
+  local log rc=0
+  log=$(mktemp)
+  "$PYTHON" -m pip install "$@" 2> >(tee "$log" >&2) || rc=$?
+  if [ $rc -ne 0 ] && grep -q externally-managed-environment "$log"; then
+    echo >&2
+    echo "test.sh: $PYTHON refuses pip installs (PEP 668, externally managed). Use a virtual environment:" >&2
+    echo "    python3 -m venv .venv && . .venv/bin/activate && bash scripts/test.sh" >&2
+  fi
+  rm -f "$log"
+  return $rc
+}
+# The C++ builds below call cmake (and the wheel build ninja) from PATH: where the system
+# has none, or a CMake older than CMakeLists.txt needs (3.18), they come from PyPI into
+# PYTHON's environment, whose scripts directory goes first on PATH.
+PY_SCRIPTS=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$PY_SCRIPTS:$PATH"
+need_pip=()
+cmake_ok=$(cmake --version 2>/dev/null | "$PYTHON" -c '
+import re, sys
+m = re.search(r"version (\d+)\.(\d+)", sys.stdin.read())
+print(int(bool(m) and (int(m[1]), int(m[2])) >= (3, 18)))' || echo 0)
+[ "$cmake_ok" = 1 ] || need_pip+=("cmake>=3.18")
+command -v ninja >/dev/null || need_pip+=(ninja)
+if [ ${#need_pip[@]} -gt 0 ]; then
+  step "installing ${need_pip[*]} from PyPI (none suitable on PATH)"
+  pip_install -q "${need_pip[@]}"
+fi
+echo "cmake: $(command -v cmake) ($(cmake --version | head -1)); ninja: $(command -v ninja) ($(ninja --version))"
+
 # --- the package and the Python test requirements -------------------------------
 step "building and installing normkit with its test extras"
-"$PYTHON" -m pip install -q ".[test]"
+pip_install -q ".[test]"
 
 # PyTorch is a second oracle when it can be had (the suite passes without it).
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -43,9 +76,11 @@ fi
 step "Python tests"
 (cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider python)
 
-# --- the wheel: pip wheel, auditwheel repair (manylinux, libgomp bundled), fresh venv,
-# smoke test of every norm on every kernel path (scripts/check_wheel.sh) -----------
-step "wheel: build, auditwheel repair, install into a fresh venv, smoke test"
+# --- the release wheel (scripts/build_wheel.sh: zig toolchain, manylinux2014, libomp
+# bundled), its symbol versions vs the policy, fresh venv, smoke test of every norm on
+# every kernel path; then the sdist, installed from source and smoke-tested
+# (scripts/check_wheel.sh) ----------------------------------------------------------
+step "wheel + sdist: release wheel (manylinux2014), symbol scan, fresh-venv smoke tests"
 PYTHON="$PYTHON" JOBS="$JOBS" bash scripts/check_wheel.sh
 
 # --- C++ tests -----------------------------------------------------------------

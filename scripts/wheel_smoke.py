@@ -11,7 +11,9 @@ reference's magnitude <= 1e-4 for float32). Only NumPy is needed.
     python wheel_smoke.py [--expect-bundled-openmp]
 
 --expect-bundled-openmp: also fail unless the OpenMP runtime the process loaded is
-the copy auditwheel bundled into the wheel (normkit.libs/libgomp-*.so*).
+the copy auditwheel bundled into the wheel (normkit.libs/: libomp-*.so, LLVM's runtime
+in the release wheel of scripts/build_wheel.sh; libgomp-*.so* or libiomp5-*.so are
+accepted as well).
 Exits 0 when everything matches, 1 on any mismatch or error.
 """
 
