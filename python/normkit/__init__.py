@@ -55,7 +55,7 @@ def set_output_cache_limit(nbytes: int) -> None:
 
 
 def _set_kernel_path(name: str) -> None:
-    """Switch kernels at run time ("scalar", "avx2", "avx512"). For tests and bug
+    """Switch kernels at run time ("scalar", "avx2", "avx512", "avx512_bf16"). For tests and bug
     reports; the environment variable NORMKIT_ISA does the same at start-up."""
     _ext.set_kernel_path(name)
 

@@ -24,7 +24,7 @@
 set -euo pipefail
 
 objdump=${OBJDUMP:-objdump}
-allowed=${NORMKIT_ISA_ALLOWED-"normkit::kernels::avx2:: normkit::kernels::avx512::"}
+allowed=${NORMKIT_ISA_ALLOWED-"normkit::kernels::avx2:: normkit::kernels::avx512:: normkit::kernels::avx512_bf16::"}
 expect_avx=0
 files=()
 for arg in "$@"; do

@@ -745,7 +745,7 @@ TEST(Runtime, EverySupportedPathCanBeSelected) {
   EXPECT_EQ(info.kernel_paths_supported.front(), "scalar");
   // The fixture above covers exactly these; a new path must be added to it.
   for (const auto& path : info.kernel_paths_compiled)
-    EXPECT_TRUE(path == "scalar" || path == "avx2" || path == "avx512") << "untested kernel path " << path;
+    EXPECT_TRUE(path == "scalar" || path == "avx2" || path == "avx512" || path == "avx512_bf16") << "untested kernel path " << path;
   for (const auto& path : info.kernel_paths_supported) {
     nk::set_kernel_path(path);
     EXPECT_EQ(nk::kernel_path(), path);

@@ -13,7 +13,7 @@ import pytest
 
 import normkit
 
-KNOWN_PATHS = {"scalar", "avx2", "avx512"}
+KNOWN_PATHS = {"scalar", "avx2", "avx512", "avx512_bf16"}
 INFO_KEYS = {
     "version": str,
     "cpu_features": list,
@@ -75,7 +75,7 @@ def test_default_kernel_path_is_the_widest_supported():
     proc = run_python("import normkit, json; print(json.dumps(normkit.info()))")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
     best = max(info["kernel_paths_supported"], key=order.index)
     assert info["kernel_path"] == best
 
@@ -87,6 +87,8 @@ def test_info_cpu_features_consistent_with_supported_paths():
         assert {"avx2", "fma"} <= features
     if "avx512" in info["kernel_paths_supported"]:
         assert {"avx512f", "avx512bw", "avx512vl"} <= features
+    if "avx512_bf16" in info["kernel_paths_supported"]:
+        assert {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= features
 
 
 def test_info_build_section():

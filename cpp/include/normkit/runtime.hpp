@@ -14,11 +14,12 @@ void set_num_threads(int n);
 // The number of threads normkit's kernels use at most (process-wide).
 int get_num_threads();
 
-// Kernel paths, from the portable one up: "scalar", "avx2", "avx512".
+// Kernel paths, from the portable one up: "scalar", "avx2", "avx512",
+// "avx512_bf16" (the AVX-512 kernels with the CPU's bfloat16 conversion).
 // The best path the CPU (and OS) supports is chosen at first use; the
-// environment variable NORMKIT_ISA=scalar|avx2|avx512 forces one, and asking
-// for one the CPU lacks is an Error (at first use).
-// The kernel path in use ("scalar", "avx2" or "avx512"); chooses it on first use.
+// environment variable NORMKIT_ISA=scalar|avx2|avx512|avx512_bf16 forces one,
+// and asking for one the CPU lacks is an Error (at first use).
+// The kernel path in use (one of the above); chooses it on first use.
 std::string kernel_path();
 // Switch the path at run time (tests use this to cover every path in one
 // process). Throws Error if `name` is unknown, not compiled in, or unsupported.

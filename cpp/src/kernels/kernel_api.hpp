@@ -229,5 +229,8 @@ namespace avx2 { extern const IsaKernels kTable; }
 #if defined(NORMKIT_HAVE_AVX512_KERNELS)
 namespace avx512 { extern const IsaKernels kTable; }
 #endif
+#if defined(NORMKIT_HAVE_AVX512_BF16_KERNELS)
+namespace avx512_bf16 { extern const IsaKernels kTable; }
+#endif
 
 }  // namespace normkit::kernels

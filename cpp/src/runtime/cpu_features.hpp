@@ -16,6 +16,7 @@ struct CpuFeatures {
 
   bool can_run_avx2() const { return avx2 && fma && f16c && os_ymm; }
   bool can_run_avx512() const { return can_run_avx2() && avx512f && avx512bw && avx512vl && os_zmm; }
+  bool can_run_avx512_bf16() const { return can_run_avx512() && avx512dq && avx512_bf16; }
   std::vector<std::string> names() const;
 };
 

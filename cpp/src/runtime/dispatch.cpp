@@ -19,6 +19,7 @@ struct PathEntry {
 bool always() { return true; }
 [[maybe_unused]] bool avx2_ok() { return cpu_features().can_run_avx2(); }
 [[maybe_unused]] bool avx512_ok() { return cpu_features().can_run_avx512(); }
+[[maybe_unused]] bool avx512_bf16_ok() { return cpu_features().can_run_avx512_bf16(); }
 
 // Compiled paths, from the portable one up to the widest.
 const PathEntry kPaths[] = {
@@ -28,6 +29,9 @@ const PathEntry kPaths[] = {
 #endif
 #if defined(NORMKIT_HAVE_AVX512_KERNELS)
     {&kernels::avx512::kTable, &avx512_ok},
+#endif
+#if defined(NORMKIT_HAVE_AVX512_BF16_KERNELS)
+    {&kernels::avx512_bf16::kTable, &avx512_bf16_ok},
 #endif
 };
 
@@ -42,7 +46,7 @@ const kernels::IsaKernels* checked_table(const std::string& name, const char* so
   if (entry == nullptr) {
     std::string known;
     for (const auto& e : kPaths) known += std::string(known.empty() ? "" : ", ") + e.table->name;
-    const bool known_name = name == "scalar" || name == "avx2" || name == "avx512";
+    const bool known_name = name == "scalar" || name == "avx2" || name == "avx512" || name == "avx512_bf16";
     core::fail_value(std::string(source) + ": kernel path '" + name + "' " +
                      (known_name ? "was not compiled into this build" : "is unknown") +
                      " (this build has: " + known + ")");

@@ -33,6 +33,9 @@ RuntimeInfo runtime_info() {
 #if defined(NORMKIT_HAVE_AVX512_KERNELS)
   info.build.kernel_flags.push_back(std::string("avx512: ") + NORMKIT_AVX512_FLAGS);
 #endif
+#if defined(NORMKIT_HAVE_AVX512_BF16_KERNELS)
+  info.build.kernel_flags.push_back(std::string("avx512_bf16: ") + NORMKIT_AVX512_BF16_FLAGS);
+#endif
 #if defined(_OPENMP)
   info.build.openmp = "OpenMP " + std::to_string(_OPENMP);
 #else
