@@ -731,3 +731,32 @@ def test_streaming_stores_forced_on_small_outputs():
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("func", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_direct_call_matches_the_general_intake(func, dtype, rng):
+    """The plain NumPy call goes straight to the kernel (_functional._direct_rows); the same
+    call through the general intake (a Fortran-ordered x, copied first; a list eps) must give
+    the same bits, and out= must be written and returned as itself."""
+    x = (rng.standard_normal((37, 96)) * 3 + 1).astype(dtype)
+    w = rng.standard_normal(96).astype(dtype)
+    f = getattr(normkit, func)
+    params = (w, w) if func == "layer_norm" else (w,)
+    direct = f(x, 96, *params, 1e-5)
+    general = f(np.asfortranarray(x), (96,), *params, np.float64(1e-5))
+    assert np.array_equal(direct, general)
+    out = np.full_like(x, np.nan)
+    assert f(x, 96, *params, 1e-5, out=out) is out
+    assert np.array_equal(out, direct)
+
+
+def test_direct_call_errors_are_the_general_ones():
+    """A bad argument on the direct path falls back to the general intake, whose message names it."""
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        normkit.layer_norm(x, 7)
+    with pytest.raises(ValueError, match="weight"):
+        normkit.layer_norm(x, 8, np.ones(7, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        normkit.rms_norm(x, 8, out=np.empty((4, 9), np.float32))

@@ -88,8 +88,8 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
 // Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
 // per (sample, group) (N*groups) from the columns kernels, then
 // y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
-// (sample, channel). A large sample is done whole before the next one
-// (samples_per_step), so the output pass re-reads it from cache instead of
+// (sample, channel). The samples are taken a cache-sized step at a time
+// (samples_per_step), so the output pass re-reads them from cache instead of
 // from memory. Returns the moments of all N*groups groups.
 using ChannelAffine = std::function<std::pair<double, double>(std::int64_t n, std::int64_t c, double rstd)>;
 GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
@@ -100,9 +100,8 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
 TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count);
 
 // How many samples a two-pass per-sample norm (channels-last InstanceNorm /
-// GroupNorm / AdaIN) takes at a time: one when a sample is large (>= 1 MiB),
-// so that the second pass re-reads it from cache instead of from memory;
-// else the whole batch in one go.
+// GroupNorm / AdaIN) takes at a time: as many as fit in ~8 MiB (at least one),
+// so that the second pass re-reads them from cache instead of from memory.
 std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype);
 
 // Reads element i of a float tensor as double / writes it (any normkit dtype).
