@@ -112,6 +112,8 @@ struct RowsForward {
   RowsResidual load;              // plain x, or the residual add
   StoreStage store;               // plain (out_dtype = dtype), or an epilogue
   bool streaming_stores = false;  // write y (and s) around the caches (large outputs)
+  // scale_shift after a statistics pass over the same x: rows last first (see rows.inc).
+  bool last_first = false;
   int threads = 1;                // OpenMP threads to use (1: stay on the caller's thread)
 };
 
@@ -144,6 +146,7 @@ struct ColumnsApply {
   ApplyTerms apply;  // centre tables and dy term, tables like scale (dy_row_stride unused)
   StoreStage store;  // plain, or an epilogue (no dynamic scales)
   bool streaming_stores = false;
+  bool last_first = false;  // after a statistics pass over the same x (see columns.inc)
   int threads = 1;
 };
 

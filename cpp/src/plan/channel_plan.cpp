@@ -328,6 +328,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.apply.dy_row_stride = g.s;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
+    p.last_first = center != nullptr;  // a centre: statistics just computed from x
     p.threads = threads;
     kernels.rows_forward(p);
   } else {
@@ -344,6 +345,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.apply = apply;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
+    p.last_first = center != nullptr;  // a centre: statistics just computed from x
     p.threads = threads;
     kernels.columns_apply(p);
   }
