@@ -163,7 +163,7 @@ run_asan() {
   # tests (ctest ran them with their own NORMKIT_ISA).
   local bin=$build/tests/cpp/normkit_cpp_tests supported=() p
   if [ -x "$bin" ]; then
-    for p in scalar avx2 avx512; do
+    for p in scalar avx2 avx512 avx512_bf16; do
       if NORMKIT_ISA=$p NORMKIT_TEST_FORCED_ISA=$p "$bin" --gtest_filter=ForcedIsa.EnvironmentPathIsUsed \
            >"$logs/probe-$p.log" 2>&1; then
         supported+=("$p")

@@ -14,7 +14,11 @@ ROWS = CACHED_OUTPUT_MIN_BYTES // (4 * 1024)  # a float32 [ROWS, 1024] output is
 
 @pytest.fixture
 def cache_limit():
+    """Starts each test from an empty cache, with no garbage of earlier tests left to free into
+    it (a cycle holding a large output, collected mid-test, would change the counts)."""
     before = _ext.output_cache_info()["limit"]
+    gc.collect()
+    normkit.set_output_cache_limit(0)  # frees what earlier tests left cached
     yield
     normkit.set_output_cache_limit(before)
 
