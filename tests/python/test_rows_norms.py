@@ -694,7 +694,8 @@ def test_large_odd_output_with_misaligned_out(kernel_path, dtype, func, rng):
 
 def test_streaming_stores_forced_on_small_outputs():
     """NORMKIT_STREAMING_MIN_BYTES=0 forces the streaming-store writer (an internal knob) on
-    every output: all tails, every path, every dtype must still be right."""
+    every output: all tails, every path, every dtype must still be right, in the rows and the
+    channels-last writers, and nothing next to `out` may be written."""
     script = textwrap.dedent(
         """
         import sys, numpy as np, normkit
@@ -719,6 +720,20 @@ def test_streaming_stores_forced_on_small_outputs():
                         e2 = np.max(np.abs(y - r) / np.maximum(1, np.abs(r)))
                         if max(e1, e2) > tol:
                             print(f"FAIL {path} {np.dtype(dt)} n={n} off={off} err={max(e1, e2)}")
+                            sys.exit(1)
+                # channels-last (the columns kernel's writer), with guard elements either side of out
+                for c, s, groups in [(1, 37, 1), (3, 11, 3), (17, 5, 1), (40, 9, 8), (64, 33, 32)]:
+                    for off in (0, 1, 3):
+                        x = (rng.standard_normal((2, s, 1, c)) * 2 + 1).astype(dt)
+                        buf = np.full(x.size + off + 40, 7, dt)
+                        out = buf[off + 20 : off + 20 + x.size].reshape(x.shape)
+                        y = normkit.group_norm(x, groups, layout="NHWC", out=out).astype(np.float64)
+                        g = x.astype(np.float64).reshape(2, s, groups, c // groups)
+                        r = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True) + 1e-5)
+                        e = np.max(np.abs(y - r.reshape(x.shape)) / np.maximum(1, np.abs(r.reshape(x.shape))))
+                        guards = np.r_[buf[: off + 20], buf[off + 20 + x.size :]]
+                        if e > tol or not np.all(guards == 7):
+                            print(f"FAIL columns {path} {np.dtype(dt)} c={c} s={s} off={off} err={e}")
                             sys.exit(1)
         print("OK")
         """
