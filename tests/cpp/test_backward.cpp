@@ -294,6 +294,48 @@ TEST_P(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
   expect_close(std::vector<double>(dw.begin(), dw.end()), dwr, 1e-5, "dweight");
 }
 
+// Wherever dx lies relative to x and dy (a few bytes above either modulo 4 KiB
+// included): the same bits, and nothing beside dx written.
+TEST_P(Backward, DxPlacementDoesNotChangeTheBits) {
+  const int64_t rows = 24, cols = 1000, n = 2, groups = 2, c = 4, s = 1000;
+  auto xd = random_vector(rows * cols, 41), dyd = random_vector(rows * cols, 42), wd = random_vector(cols, 43);
+  std::vector<float> x(xd.begin(), xd.end()), dy(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
+  auto fv = [](std::vector<float>& v, const nk::Dims& d) { return nk::TensorView<float>(v.data(), d); };
+  std::vector<float> y(x.size()), mean(rows), rstd(rows), gmean(n * groups), grstd(n * groups);
+  const nk::Dims shape{rows, cols}, cshape{n, c, s};
+  nk::layer_norm(fv(x, shape), fv(y, shape), {cols}, fv(w, {cols}), {}, 1e-5, fv(mean, {rows}),
+                 fv(rstd, {rows}));
+  nk::group_norm(fv(x, cshape), fv(y, cshape), groups, {}, {}, 1e-5, nk::Layout::NCL, fv(gmean, {n, groups}),
+                 fv(grstd, {n, groups}));
+  constexpr int64_t guard = 16;
+  std::vector<float> buf(x.size() + 1024 + 2 * guard);
+  // dx starting `offset` bytes past `base` modulo 4 KiB, inside buf with guards either side.
+  auto placed = [&](const float* base, int64_t offset) {
+    const auto lag = (reinterpret_cast<std::uintptr_t>(base) + offset -
+                      reinterpret_cast<std::uintptr_t>(buf.data() + guard)) % 4096;
+    return buf.data() + guard + lag / sizeof(float);
+  };
+  auto run = [&](float* dx) {
+    std::fill(buf.begin(), buf.end(), 7.0f);
+    nk::layer_norm_backward(fv(dy, shape), fv(x, shape), fv(mean, {rows}), fv(rstd, {rows}), {cols},
+                            fv(w, {cols}), nk::TensorView<float>(dx, shape));
+    std::vector<float> out(dx, dx + x.size());
+    nk::group_norm_backward(fv(dy, cshape), fv(x, cshape), fv(gmean, {n, groups}), fv(grstd, {n, groups}),
+                            groups, {}, nk::TensorView<float>(dx, cshape), {}, {}, nk::Layout::NCL);
+    out.insert(out.end(), dx, dx + x.size());
+    const int64_t start = dx - buf.data(), end = start + static_cast<int64_t>(x.size());
+    for (int64_t i = 0; i < static_cast<int64_t>(buf.size()); ++i) {
+      if (i < start || i >= end) EXPECT_EQ(buf[i], 7.0f) << "wrote beside dx at " << i - start;
+    }
+    return out;
+  };
+  const auto expected = run(placed(x.data(), 2048));
+  for (const float* base : {x.data(), dy.data()})
+    for (int64_t offset : {0, 4, 16, 32, 48, 200, 1040, 4080})
+      EXPECT_EQ(run(placed(base, offset)), expected) << "dx at " << (base == x.data() ? "x" : "dy") << " + "
+                                                     << offset << " mod 4096";
+}
+
 // Fixed blocks merged in a fixed order: the same bits for 1 and 2 threads.
 TEST_P(Backward, GradientsDoNotDependOnTheThreadCount) {
   const int64_t rows = 2048, cols = 384, n = 8, c = 32, s = 1024;

@@ -775,3 +775,37 @@ def test_direct_call_errors_are_the_general_ones():
         normkit.layer_norm(x, 8, np.ones(7, np.float32))
     with pytest.raises(ValueError, match="out"):
         normkit.rms_norm(x, 8, out=np.empty((4, 9), np.float32))
+
+
+def _out_placed_from(x, offset, guard=16):
+    """An array like x whose start lies `offset` bytes past x's modulo 4 KiB, inside a buffer
+    with at least `guard` elements either side (filled with 7): (out, buffer, start index)."""
+    item = x.dtype.itemsize
+    buf = np.full(x.size + 4096 // item + 2 * guard, 7, x.dtype)
+    lag = (x.ctypes.data + offset - buf.ctypes.data - guard * item) % 4096
+    assert lag % item == 0
+    start = guard + lag // item
+    return buf[start : start + x.size].reshape(x.shape), buf, start
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows,cols", [(37, 1000), (4096, 1100)])
+def test_output_placement_does_not_change_the_bits(kernel_path, dtype, rows, cols, rng):
+    """Rows of a streamed output (the [4096,1100] float32 case is over 16 MiB) start and end on
+    cache lines, with their edges stored apart: wherever out= lies relative to x (a few bytes
+    above it modulo 4 KiB included), LayerNorm and RMSNorm give the bits of an output placed far
+    from x, and nothing next to out= is written."""
+    dt = np.dtype(dtype)
+    x = make_x(rng, (rows, cols), dt)
+    weight, bias = make_params(rng, (cols,), dt, "both")
+    for func in ("layer", "rms"):
+        far, _, _ = _out_placed_from(x, 2048)
+        expected = run_norm(func, x, cols, weight, bias, 1e-5, out=far).copy()
+        assert_close(expected[-3:], ref_norm(func, x[-3:], cols, weight, bias, 1e-5), dt)
+        for offset in (0, 2, 16, 32, 48, 200, 1040, 4080):
+            if offset % dt.itemsize:
+                continue
+            out, buf, start = _out_placed_from(x, offset)
+            assert run_norm(func, x, cols, weight, bias, 1e-5, out=out) is out
+            assert same_bits(out, expected), f"{func} out at x + {offset} mod 4096"
+            assert np.all(buf[:start] == 7) and np.all(buf[start + x.size :] == 7), "wrote beside out="
