@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend, built and checked on any machine with nvcc (no GPU needed):
-# configures build/cuda with -DNORMKIT_CUDA=ON (C++ library, C++ tests and the
-# Python extension, so none of the CUDA code can rot), runs the C++ CUDA tests
+# configures build/cuda with -DNORMKIT_CUDA=ON and builds the C++ library, the C++
+# CUDA tests and the Python extension (so none of the CUDA code can rot; the rest of
+# the C++ suite is the CPU build's, scripts/test.sh), runs the C++ CUDA tests
 # (the device ones skip themselves without a GPU), and runs tests/python/test_cuda.py
 # against the CUDA-built extension (host-side routing and errors everywhere; the
 # GPU suite where a GPU and PyTorch with CUDA are present). Without nvcc it says so
@@ -29,7 +30,7 @@ if [ -z "$NVCC" ]; then
 fi
 echo "nvcc: $NVCC ($("$NVCC" --version | tail -n 1))"
 
-step "configuring $BUILD with -DNORMKIT_CUDA=ON (library, C++ tests, Python extension)"
+step "configuring $BUILD with -DNORMKIT_CUDA=ON (library, C++ CUDA tests, Python extension)"
 args=(-DCMAKE_BUILD_TYPE=Release -DNORMKIT_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC"
       -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_PYTHON=ON -DNORMKIT_PYTHON_STUBS=OFF
       -DPython_EXECUTABLE="$(command -v "$PYTHON")")
@@ -39,11 +40,11 @@ grep -E 'normkit: (CUDA|kernel paths)' "$BUILD.configure.log" || true
 
 step "building (nvcc compiles the CUDA kernels for every architecture in the list)"
 start=$(date +%s)
-cmake --build "$BUILD" -j "$JOBS"
+cmake --build "$BUILD" -j "$JOBS" --target normkit normkit_cuda_tests _ext
 echo "CUDA build: $(( $(date +%s) - start ))s"
 
 step "C++: the CUDA entry points (argument checks, no-device errors; GPU tests skip without a GPU)"
-"$BUILD/tests/cpp/normkit_cpp_tests" --gtest_filter='Cuda*'
+"$BUILD/tests/cpp/normkit_cuda_tests"
 
 step "C++ package with CUDA: install, find_package(normkit COMPONENTS cuda), build and run the CUDA example of docs/cpp.md"
 rm -rf "$BUILD-install" "$BUILD-consumer"

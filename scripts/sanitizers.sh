@@ -5,8 +5,8 @@
 #        -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
 #        (GCC by default), run through ctest with LeakSanitizer on (detect_leaks=1)
 #        and every report fatal; the path-parameterized tests cover every kernel path themselves, and
-#        the suite is run once more with NORMKIT_ISA forced to each other supported
-#        path so the tests that use the default path cover them too. The
+#        the other tests (those on the default path) are run once more with NORMKIT_ISA
+#        forced to each other supported path, so they cover every path too. The
 #        disassembly check cpp.isa_symbols is skipped (it is about the codegen of
 #        the normal build, not of an instrumented one).
 #  tsan  build/tsan: tests/cpp/test_threads.cpp (every norm from several threads at
@@ -157,9 +157,10 @@ run_asan() {
   step "ASan+UBSan: the C++ test suite (ctest; default kernel path, and every path in the path-parameterized tests)"
   ctest --test-dir "$build" --output-on-failure -j "$JOBS" -E '^cpp\.isa_symbols$' || fail "ASan: ctest"
 
-  # The same suite with the kernel path forced to each other supported path (the
-  # tests that do not switch paths themselves run on the default one above).
-  # Left out: the test asserting the default path is the widest, and the ForcedIsa
+  # The tests that do not switch paths themselves ran on the default path above:
+  # run them again with the kernel path forced to each other supported path.
+  # Left out: the path-parameterized tests (Paths/*: ctest ran each on every path
+  # already), the test asserting the default path is the widest, and the ForcedIsa
   # tests (ctest ran them with their own NORMKIT_ISA).
   local bin=$build/tests/cpp/normkit_cpp_tests supported=() p
   if [ -x "$bin" ]; then
@@ -174,7 +175,7 @@ run_asan() {
     for ((i = 0; i + 1 < n; i++)); do
       p=${supported[$i]}
       step "ASan+UBSan: the whole normkit_cpp_tests suite with NORMKIT_ISA=$p"
-      NORMKIT_ISA=$p "$bin" --gtest_brief=1 --gtest_filter='-Runtime.EverySupportedPathCanBeSelected:ForcedIsa.*' \
+      NORMKIT_ISA=$p "$bin" --gtest_brief=1 --gtest_filter='-Paths/*:Runtime.EverySupportedPathCanBeSelected:ForcedIsa.*' \
         2>&1 | tee "$logs/isa-$p.log" || fail "ASan: normkit_cpp_tests with NORMKIT_ISA=$p"
     done
   fi

@@ -12,7 +12,16 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's wall time, listed at the end (also on failure): CI's budget is
+# minutes, and this says where they went.
+step_name="" step_start=$SECONDS step_times=()
+end_step() {
+  [ -n "$step_name" ] && step_times+=("$(printf '%5ss  %s' $((SECONDS - step_start)) "$step_name")")
+  step_name=""
+}
+step() { end_step; step_name=$*; step_start=$SECONDS; printf '\n==> %s\n' "$*"; }
+trap 'end_step; printf "\n==> time per step (%ss in all)\n" $SECONDS
+      printf "  %s\n" ${step_times[@]+"${step_times[@]}"}' EXIT
 
 # --- system packages for the C++ tests (GoogleTest, Google Benchmark) ----------
 need_apt=()
