@@ -111,7 +111,7 @@ step "C++ package: a consumer asking for a missing component gets a clear CMake 
 bash tests/cmake/check_consumer_errors.sh build/cpp-install
 
 step "C++ tests"
-ctest --test-dir build/cpp-tests --output-on-failure
+ctest --test-dir build/cpp-tests --output-on-failure -j "$JOBS"
 
 # --- the CUDA backend: compiled and linked with nvcc (no GPU needed), its host-side
 # checks run; its GPU suite runs where there is a GPU (scripts/cuda_build.sh) --------
