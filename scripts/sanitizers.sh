@@ -3,7 +3,7 @@
 #
 #  asan  build/asan: the library and the whole GoogleTest suite (tests/cpp) with
 #        -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all
-#        (GCC by default), run through ctest with LeakSanitizer on (detect_leaks=1)
+#        (clang where it links them, else GCC), run through ctest with LeakSanitizer on (detect_leaks=1)
 #        and every report fatal; the path-parameterized tests cover every kernel path themselves, and
 #        the other tests (those on the default path) are run once more with NORMKIT_ISA
 #        forced to each other supported path, so they cover every path too. The
@@ -28,7 +28,8 @@
 # Installs what it needs (libgtest-dev, clang, libomp-dev) with apt-get when run as
 # root; otherwise a missing tool skips that part with a NOTE (exit 0), unless
 # NORMKIT_SANITIZERS_STRICT=1, which makes any skip a failure.
-# Environment: JOBS (parallel build/test jobs), ASAN_CXX (default g++),
+# Environment: JOBS (parallel build/test jobs), ASAN_CXX (default clang++ where it
+# links the sanitizers, else g++),
 # TSAN_CXX (default clang++), NORMKIT_THREAD_TEST_ITERS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ ROOT=$PWD
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 WHAT=${1:-all}
 STRICT=${NORMKIT_SANITIZERS_STRICT:-0}
-ASAN_CXX=${ASAN_CXX:-g++}
+ASAN_CXX=${ASAN_CXX:-}
 TSAN_CXX=${TSAN_CXX:-clang++}
 case "$WHAT" in asan | tsan | all) ;; *) echo "usage: $0 [asan|tsan|all]" >&2; exit 2 ;; esac
 
@@ -115,11 +116,16 @@ no_reports() {
 # --- what the builds need -----------------------------------------------------
 need=()
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
-if [ "$WHAT" != asan ]; then
-  command -v "$TSAN_CXX" >/dev/null || need+=(clang)
-  find_archer >/dev/null || need+=(libomp-dev)
-fi
+command -v clang++ >/dev/null || need+=(clang)
+[ "$WHAT" = asan ] || find_archer >/dev/null || need+=(libomp-dev)
 if [ ${#need[@]} -gt 0 ] && can_apt; then apt_install "${need[@]}"; fi
+# ASan with clang: the same checks as GCC's (its -fsanitize=undefined includes
+# float-cast-overflow), built in under half the time, and the tests run twice as
+# fast. The normal build's GCC code is what the rest of the test suite runs.
+if [ -z "$ASAN_CXX" ]; then
+  ASAN_CXX=g++
+  compiles_with clang++ -fsanitize=address,undefined,float-cast-overflow && ASAN_CXX=clang++
+fi
 
 # =============================================================================
 # ASan + UBSan: the library and the whole GoogleTest suite
