@@ -78,6 +78,30 @@ TEST_P(Moments, BatchMomentsOfShardsMergeToTheWholeBatch) {
   }
 }
 
+// Channels-last statistics shift each block by the mean of its first rows; where
+// those rows sit far from the block's mean (here 100 standard deviations), one
+// pass would cancel most bits of M2 and the block is redone in two passes.
+TEST_P(Moments, ChannelsLastBlocksWhoseFirstRowsAreOutliers) {
+  const int64_t n = 2, s = 1000, c = 70;  // 70 channels: whole tiles and a partial one on every path
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<float> x(n * s * c);  // channels-last [n][s][c]
+  for (int64_t r = 0; r < n * s; ++r)
+    for (int64_t ci = 0; ci < c; ++ci)
+      x[r * c + ci] = static_cast<float>(1e3 + ci + (r < 8 ? 1.0 : 0.0) + 1e-2 * dist(rng_));
+  std::vector<double> mean(c, 0.0), m2(c, 0.0);
+  for (int64_t r = 0; r < n * s; ++r)
+    for (int64_t ci = 0; ci < c; ++ci) mean[ci] += x[r * c + ci];
+  for (auto& m : mean) m /= double(n * s);
+  for (int64_t r = 0; r < n * s; ++r)
+    for (int64_t ci = 0; ci < c; ++ci) m2[ci] += (x[r * c + ci] - mean[ci]) * (x[r * c + ci] - mean[ci]);
+  const nk::Moments m = nk::batch_norm_moments(nk::TensorView<const float>(x.data(), {n, s, c}), nk::Layout::NLC);
+  ASSERT_EQ(m.count, n * s);
+  for (int64_t ci = 0; ci < c; ++ci) {
+    EXPECT_NEAR(m.mean[ci], mean[ci], 1e-9 * 1e3) << ci;
+    EXPECT_NEAR(m.m2[ci], m2[ci], 2e-6 * m2[ci]) << ci;
+  }
+}
+
 TEST_P(Moments, PerSampleAndLayerMoments) {
   const int64_t n = 3, c = 8, s = 12, groups = 4;
   const auto data = nk_test::random_data<float>(n * c * s, rng_, 2.0, 3.0);
