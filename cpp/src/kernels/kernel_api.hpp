@@ -65,13 +65,14 @@ enum class RowsNorm : std::uint8_t {
 // The optional terms of the apply step with known statistics (the "scale_shift"
 // rows problem and the columns apply), in stats_dtype(dtype), per segment entry
 // (rows) or per table entry (columns):
-//   y = ((x - center_hi) - center_lo) * scale + shift [+ dy * dy_scale]
-// The centre (split in two so that a large mean stays exact) may be absent:
-// the folded y = x * scale + shift. The dy term is the channel norms'
-// backward (dx from one pass); dy has x's dtype and layout.
+//   y = (x - center) * scale + shift [+ dy * dy_scale]
+// The centre is the mean rounded to stats_dtype (x - center is exact for x near
+// it, so a large mean costs no precision); the planner folds the rest of the
+// mean into shift, in double. It may be absent: the folded y = x * scale + shift.
+// The dy term is the channel norms' backward (dx from one pass); dy has x's
+// dtype and layout.
 struct ApplyTerms {
-  const void* center_hi = nullptr;
-  const void* center_lo = nullptr;
+  const void* center = nullptr;
   const void* dy = nullptr;
   std::int64_t dy_row_stride = 0;  // rows problems
   const void* dy_scale = nullptr;
@@ -130,7 +131,7 @@ struct ColumnsStats {
   int threads = 1;
 };
 
-// The "columns" pattern, output: y = ((x - center_hi) - center_lo) * scale + shift
+// The "columns" pattern, output: y = (x - center) * scale + shift (ApplyTerms)
 // with tables in stats_dtype(dtype), `table_stride` entries per batch: entry
 // j of batch b is column j % cols, for j < cols + kColumnsTablePad (the kernel
 // reads a full vector from any column). Center tables may be null (the folded form).

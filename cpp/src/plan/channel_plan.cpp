@@ -286,24 +286,27 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     }
     return to_acc_table(extended, x.dtype);
   };
-  const AccTable scale_t = table(scale), shift_t = table(shift);
-  AccTable hi_t, lo_t;
+  // With a centre c: y = (x - c) * scale + shift = (x - hi) * scale + (shift - (c - hi) * scale),
+  // hi = c rounded to the stats dtype. x - hi is exact for x near the mean, and the
+  // rest of c goes into the shift here in double: one subtraction per value instead
+  // of two (a large mean stays exact either way).
+  AccTable center_t;
+  std::vector<double> folded_shift;
   if (center) {
-    // center = hi + lo, each in the stats dtype: (x - hi) - lo keeps a large mean exact.
-    std::vector<double> hi(center->size()), lo(center->size());
+    std::vector<double> hi(center->size());
+    folded_shift = shift;
     for (std::size_t i = 0; i < hi.size(); ++i) {
       hi[i] = x.dtype == DType::float64 ? (*center)[i] : double(float((*center)[i]));
-      lo[i] = (*center)[i] - hi[i];
+      folded_shift[i] -= ((*center)[i] - hi[i]) * scale[i];
     }
-    hi_t = table(hi);
-    lo_t = table(lo);
+    center_t = table(hi);
   }
+  const AccTable scale_t = table(scale), shift_t = table(center ? folded_shift : shift);
   AccTable dy_scale_t;
   if (dy_scale) dy_scale_t = table(*dy_scale);
   const void* dy_data = dy.given ? dy.data : nullptr;
   kernels::ApplyTerms apply;  // what the rows and the columns kernels share
-  apply.center_hi = center ? hi_t.data() : nullptr;
-  apply.center_lo = center ? lo_t.data() : nullptr;
+  apply.center = center ? center_t.data() : nullptr;
   apply.dy = dy_data;
   apply.dy_scale = dy_data ? dy_scale_t.data() : nullptr;
   const bool stream = !core::same_memory(x, y) && !(dy.given && core::same_memory(dy, y)) &&
