@@ -9,7 +9,7 @@
 // Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training, NCHW and
 // NHWC; BatchNorm1d [4096,1024] inference (layout NC); GroupNorm G=32
 // [8,320,64,64] NCHW and NHWC; InstanceNorm2d [16,64,128,128] NCHW; float32
-// everywhere, float16 too for the BatchNorm2d and GroupNorm cases.
+// everywhere, float16 and bfloat16 too for the BatchNorm2d and GroupNorm cases.
 // weight, bias and the running statistics are float32 for every dtype
 // (training updates the running statistics in place; with momentum 0.1 they
 // stay finite, so they are not reset between iterations).
@@ -41,7 +41,7 @@ struct Case {
   Op op;
   nk::Layout layout;
   nk::Dims shape;  // logical: N, C, spatial...
-  bool half_too;   // also a float16 benchmark
+  bool half_too;   // also float16 and bfloat16 benchmarks
 };
 
 const Case kCases[] = {
@@ -136,9 +136,12 @@ int main(int argc, char** argv) {
         const std::string suffix = tail + path + "/nk_threads:" + std::to_string(t);
         configure(benchmark::RegisterBenchmark((op_name(c.op) + std::string("/f32") + suffix).c_str(),
                                                bench_channel<float>, c, path, t));
-        if (c.half_too)
+        if (c.half_too) {
           configure(benchmark::RegisterBenchmark((op_name(c.op) + std::string("/f16") + suffix).c_str(),
                                                  bench_channel<nk::half>, c, path, t));
+          configure(benchmark::RegisterBenchmark((op_name(c.op) + std::string("/bf16") + suffix).c_str(),
+                                                 bench_channel<nk::bfloat16>, c, path, t));
+        }
       }
     }
     for (int bytes_per_element : {4, 2}) {

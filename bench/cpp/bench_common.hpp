@@ -41,6 +41,7 @@ struct Buffer {
 
 template <class T> inline T make(float v) { return static_cast<T>(v); }
 template <> inline nk::half make(float v) { return nk::half(v); }
+template <> inline nk::bfloat16 make(float v) { return nk::bfloat16(v); }
 
 // Cheap deterministic pseudo-random values in [center - 1, center + 1).
 template <class T>

@@ -76,6 +76,8 @@ int main(int argc, char** argv) {
                                                c.cols, path, t));
         configure(benchmark::RegisterBenchmark((norm + "/f16" + suffix).c_str(), bench_norm<nk::half>, c.norm,
                                                c.rows, c.cols, path, t));
+        configure(benchmark::RegisterBenchmark((norm + "/bf16" + suffix).c_str(), bench_norm<nk::bfloat16>, c.norm,
+                                               c.rows, c.cols, path, t));
       }
     }
     for (int bytes_per_element : {4, 2}) {
