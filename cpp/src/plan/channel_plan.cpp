@@ -331,7 +331,12 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.apply.dy_row_stride = g.s;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
-    p.last_first = center != nullptr;  // a centre: statistics just computed from x
+    // A centre: statistics just computed from x. Last first only for outputs
+    // large enough to stream: where x fits in the last-level cache it is all
+    // still there, and the forward order, which the hardware prefetchers
+    // follow across rows, was 10-15% faster (BatchNorm training NCHW 16-bit,
+    // 12 MiB; Zen 5 EPYC, both paths; the 24 MiB float32 case gains 2-4% last first).
+    p.last_first = center != nullptr && stream;
     p.threads = threads;
     kernels.rows_forward(p);
   } else {
