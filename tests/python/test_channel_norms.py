@@ -271,6 +271,39 @@ def test_other_dtypes(kernel_path, dtype, norm, rank, s, c, rng):
     run_case(norm, x_cf, rank, p, dt)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda v: f"out+{v}")
+@pytest.mark.parametrize("c", [8, 16, 24, 64, 320])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_channels_last_apply_column_runs(kernel_path, dtype, c, offset, rng):
+    """The channels-last apply walks each row of C channels in runs of vectors to the
+    row's end (the last vector of a run reads into the padded tables): C at and around
+    the vector widths (8 and 16 lanes) and out= starting `offset` elements past a
+    vector boundary, so runs start mid-row. BatchNorm inference (folded tables),
+    training (centred) and GroupNorm (tables per sample), against float64."""
+    dt = np_dtype(dtype)
+    x = make_x(rng, (2, 9, 11, c), dt)  # NHWC: 198 rows of C channels
+    w, b = make_params(rng, c, np.float32, "both")
+    rm = rng.standard_normal(c).astype(np.float32)
+    rv = (0.5 + rng.random(c)).astype(np.float32)
+    cases = [
+        ("bn_eval", lambda out: normkit.batch_norm(x, rm, rv, w, b, training=False, layout="NHWC", out=out),
+         batch_norm_ref(x, rm, rv, w, b, False, layout="NHWC")[0]),
+        ("bn_train", lambda out: normkit.batch_norm(x, rm.copy(), rv.copy(), w, b, training=True, layout="NHWC",
+                                                    out=out),
+         batch_norm_ref(x, rm, rv, w, b, True, layout="NHWC")[0]),
+        ("gn", lambda out: normkit.group_norm(x, 4, w, b, layout="NHWC", out=out),
+         group_norm_ref(x, 4, w, b, layout="NHWC")[0]),
+    ]
+    for name, call, ref in cases:
+        buf = np.full(x.size + offset + 8, 7, dt)
+        out = buf[offset:offset + x.size].reshape(x.shape)
+        y = call(out)
+        assert y is out or np.shares_memory(y, out)
+        assert_close(out, ref, dt, what=f"{name} C={c} out+{offset}")
+        assert np.all(buf[:offset] == 7) and np.all(buf[offset + x.size:] == 7), f"{name}: wrote outside out"
+        assert_close(call(None), ref, dt, what=f"{name} C={c} fresh")
+
+
 @pytest.mark.parametrize("params", ["float32", "same"])
 @pytest.mark.parametrize("stats", ["float32", "same"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
