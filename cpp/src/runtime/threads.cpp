@@ -1,5 +1,6 @@
 #include "runtime/threads.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -43,9 +44,23 @@ int get_num_threads() {
 
 namespace runtime {
 
+namespace {
+// A byte count from the environment variable `name`, or `fallback` when it is
+// unset or not a number >= 0 (read once per variable: the callers cache it).
+std::int64_t env_bytes(const char* name, std::int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return (end != env && v >= 0) ? static_cast<std::int64_t>(v) : fallback;
+}
+}  // namespace
+
 int threads_for(std::int64_t bytes) {
 #if defined(_OPENMP)
-  const std::int64_t useful = bytes / kMinBytesPerThread;
+  static const std::int64_t per_thread =
+      std::max<std::int64_t>(1, env_bytes("NORMKIT_MIN_BYTES_PER_THREAD", kMinBytesPerThread));
+  const std::int64_t useful = bytes / per_thread;
   const int n = get_num_threads();
   if (useful <= 1) return 1;
   return useful < n ? static_cast<int>(useful) : n;
@@ -57,13 +72,7 @@ int threads_for(std::int64_t bytes) {
 
 namespace {
 std::int64_t streaming_threshold() {
-  static const std::int64_t threshold = [] {
-    const char* env = std::getenv("NORMKIT_STREAMING_MIN_BYTES");
-    if (env == nullptr || *env == '\0') return kStreamingMinBytes;
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    return (end != env && v >= 0) ? static_cast<std::int64_t>(v) : kStreamingMinBytes;
-  }();
+  static const std::int64_t threshold = env_bytes("NORMKIT_STREAMING_MIN_BYTES", kStreamingMinBytes);
   return threshold;
 }
 }  // namespace
