@@ -43,7 +43,7 @@ namespace {
 
 constexpr int kWorkers = 4;
 
-// Sizes: every call moves at least 2 * 384 KiB (runtime/threads.hpp:
+// Sizes: every call moves at least 2 * 128 KiB (runtime/threads.hpp:
 // kMinBytesPerThread), so with set_num_threads(2) each call runs an OpenMP team.
 constexpr int64_t kRows = 256, kCols = 768;                  // rows norms: 768 KiB of float32
 constexpr int64_t kN = 8, kC = 16, kH = 32, kW = 48;         // channel norms: 768 KiB of float32

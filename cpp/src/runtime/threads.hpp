@@ -7,10 +7,15 @@ namespace normkit::runtime {
 
 // Threads to use for a problem that moves `bytes` of memory: one thread per
 // kMinBytesPerThread, at most get_num_threads(). Below that the OpenMP fork
-// costs more than the work it would split: a LayerNorm [64, 1024] (512 KiB
-// moved, ~8 us on one core) ran no faster on two threads, and its time then
-// varied with how soon the second thread woke.
-constexpr std::int64_t kMinBytesPerThread = 384 * 1024;
+// costs more than the work it would split. A LayerNorm [64, 1024] (512 KiB
+// moved, 6-9 us on one core) splits in two: on a Zen 5 EPYC, called back to
+// back, float32 ran 1.35-1.5x faster (16-bit 1.5-1.65x) on two threads than
+// on one, and from Python 1.2x; with the second thread asleep (1 ms between
+// calls) it may wake late, which PyTorch, splitting the same problem, pays too.
+// A Zen 3 EPYC measured the same direction (LayerNorm [64, 1024] 15-16 us on two
+// threads, 17-25 us on one); a Zen 4 EPYC found two threads no faster.
+// NORMKIT_MIN_BYTES_PER_THREAD overrides it (for tuning).
+constexpr std::int64_t kMinBytesPerThread = 128 * 1024;
 int threads_for(std::int64_t bytes);
 
 // Whether to write an output of `bytes` with non-temporal (streaming) stores.
