@@ -6,8 +6,9 @@
     python bench/python/bench_channels.py --threads 2 --cases 'bn_*' --markdown channels.md
 
 Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training in NCHW and NHWC, BatchNorm1d
-[4096,1024] inference (layout NC), GroupNorm G=32 [8,320,64,64] NCHW and NHWC, InstanceNorm2d
-[16,64,128,128] NCHW, and float16/bfloat16 versions of the BatchNorm2d and GroupNorm cases. Shapes are
+[4096,1024] inference (layout NC), GroupNorm G=32 [8,320,64,64] NCHW and NHWC and [1,320,64,64] NHWC (one
+sample, in cache), InstanceNorm2d [16,64,128,128] NCHW, and float16/bfloat16 versions of the BatchNorm2d and
+GroupNorm cases. Shapes are
 written logically as [N, C, spatial...]; an NHWC case stores x as (N, H, W, C).
 
 The timing machinery is the rows benchmark's (bench_rows.py, _run.py): per case and thread count,
@@ -67,6 +68,7 @@ import _run  # noqa: E402
 BN2D = (32, 64, 56, 56)
 BN1D = (4096, 1024)
 GN = (8, 320, 64, 64)
+GN1 = (1, 320, 64, 64)  # one sample: the common inference case (issue 12), 5 MiB of float32, in cache
 IN2D = (16, 64, 128, 128)
 GROUPS = 32
 MOMENTUM = 0.1
@@ -81,10 +83,11 @@ CASES = {
     "bn1d_inf": ("batch_norm", BN1D, "NC", False, "float32"),
     "gn_nchw": ("group_norm", GN, "NCHW", True, "float32"),
     "gn_nhwc": ("group_norm", GN, "NHWC", True, "float32"),
+    "gn_nhwc_n1": ("group_norm", GN1, "NHWC", True, "float32"),
     "in_nchw": ("instance_norm", IN2D, "NCHW", True, "float32"),
 }
 for _dt, _suffix in (("float16", "f16"), ("bfloat16", "bf16")):
-    for _base in ("bn_inf_nchw", "bn_inf_nhwc", "bn_train_nchw", "bn_train_nhwc", "gn_nchw", "gn_nhwc"):
+    for _base in ("bn_inf_nchw", "bn_inf_nhwc", "bn_train_nchw", "bn_train_nhwc", "gn_nchw", "gn_nhwc", "gn_nhwc_n1"):
         CASES[f"{_base}_{_suffix}"] = CASES[_base][:4] + (_dt,)
 
 # Targets from the issue (2 threads, normkit speedup over the peer, fresh output vs fresh output).
@@ -96,6 +99,7 @@ TARGETS = {
     "bn_train_nhwc": [("torch", 1.8)],
     "gn_nchw": [("torch", 2.0)],
     "gn_nhwc": [("torch", 2.0)],
+    "gn_nhwc_n1": [("torch", 2.0)],
     "in_nchw": [("torch", 4.0)],
 }
 for _name in CASES:
