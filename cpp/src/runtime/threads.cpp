@@ -70,14 +70,10 @@ int threads_for(std::int64_t bytes) {
 #endif
 }
 
-namespace {
-std::int64_t streaming_threshold() {
+bool use_streaming_stores(std::int64_t bytes) {
   static const std::int64_t threshold = env_bytes("NORMKIT_STREAMING_MIN_BYTES", kStreamingMinBytes);
-  return threshold;
+  return bytes >= threshold;
 }
-}  // namespace
-
-bool use_streaming_stores(std::int64_t bytes) { return bytes >= streaming_threshold(); }
 
 }  // namespace runtime
 }  // namespace normkit
