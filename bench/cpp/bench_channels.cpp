@@ -8,7 +8,8 @@
 // (e.g. --benchmark_filter=/NHWC/ or --benchmark_filter=^group_norm/f16).
 // Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training, NCHW and
 // NHWC; BatchNorm1d [4096,1024] inference (layout NC); GroupNorm G=32
-// [8,320,64,64] NCHW and NHWC; InstanceNorm2d [16,64,128,128] NCHW; float32
+// [8,320,64,64] NCHW and NHWC and [1,320,64,64] NHWC (N = 1, the common inference
+// case; 5 MiB in float32, so it runs from cache); InstanceNorm2d [16,64,128,128] NCHW; float32
 // everywhere, float16 and bfloat16 too for the BatchNorm2d and GroupNorm cases.
 // weight, bias and the running statistics are float32 for every dtype
 // (training updates the running statistics in place; with momentum 0.1 they
@@ -52,6 +53,7 @@ const Case kCases[] = {
     {Op::bn_inference, nk::Layout::NC, {4096, 1024}, false},
     {Op::group, nk::Layout::NCHW, {8, 320, 64, 64}, true},
     {Op::group, nk::Layout::NHWC, {8, 320, 64, 64}, true},
+    {Op::group, nk::Layout::NHWC, {1, 320, 64, 64}, true},  // one sample, in cache: inference
     {Op::instance, nk::Layout::NCHW, {16, 64, 128, 128}, false},
 };
 
