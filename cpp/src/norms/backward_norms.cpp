@@ -35,12 +35,6 @@ using plan::ChannelGeometry;
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
-std::vector<double> read_all(const TensorRef& t) {
-  std::vector<double> v(t.numel());
-  for (std::int64_t i = 0; i < t.numel(); ++i) v[i] = plan::read_element(t, i);
-  return v;
-}
-
 void write_all(const TensorRef& t, const std::vector<double>& v) {
   if (!t.given) return;
   for (std::int64_t i = 0; i < t.numel(); ++i) plan::write_element(t, i, v[i]);
@@ -311,7 +305,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
     write_zeros(dbias);
     return;
   }
-  const std::vector<double> mean_c = read_all(mean), rstd_c = read_all(rstd);
+  const std::vector<double> mean_c = plan::read_all(mean), rstd_c = plan::read_all(rstd);
   std::vector<double> dw(g.c), db(g.c);
   if (!training) {
     std::vector<double> dx_scale(g.c);
@@ -349,7 +343,7 @@ BatchNormGradSums batch_norm_grad_sums(const TensorRef& dy, const TensorRef& x, 
   out.sum_dy.assign(g.c, 0.0);
   out.sum_dy_xmu.assign(g.c, 0.0);
   if (x.numel() == 0) return out;
-  const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, read_all(mean));
+  const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, plan::read_all(mean));
   out.sum_dy = s.dy;
   out.sum_dy_xmu = s.dy_xc;
   return out;
@@ -372,7 +366,7 @@ void batch_norm_backward_with_sums(const TensorRef& dy, const TensorRef& x, cons
     core::fail_value("count: the whole batch's count (" + std::to_string(global_sums.count) +
                      ") must be positive and at least this part's " + std::to_string(g.n * g.s));
   std::vector<double> dw(g.c), db(g.c);
-  batch_training_apply(dy, x, dx, g, weight, read_all(mean), read_all(rstd), global_sums.sum_dy,
+  batch_training_apply(dy, x, dx, g, weight, plan::read_all(mean), plan::read_all(rstd), global_sums.sum_dy,
                        global_sums.sum_dy_xmu, global_sums.count, dw, db);
   write_all(dweight, dw);
   write_all(dbias, db);
@@ -401,7 +395,7 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
     write_zeros(dbias);
     return;
   }
-  const std::vector<double> mean_nc = read_all(mean), rstd_nc = read_all(rstd);
+  const std::vector<double> mean_nc = plan::read_all(mean), rstd_nc = plan::read_all(rstd);
   std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
   if (use_input_stats) {
@@ -438,7 +432,7 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
   }
   std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
-  const AffineGrads a = per_sample_backward(dy, x, dx, g, num_groups, read_all(mean), read_all(rstd), w_nc);
+  const AffineGrads a = per_sample_backward(dy, x, dx, g, num_groups, plan::read_all(mean), plan::read_all(rstd), w_nc);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) {
     dw[i % g.c] += a.sum_dy_xhat[i];
     db[i % g.c] += a.sum_dy[i];
@@ -496,7 +490,7 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
     write_zeros(dstyle_std);
     return;
   }
-  const AffineGrads a = adain_backward(dy, x, dx, g, read_all(style_std), eps);
+  const AffineGrads a = adain_backward(dy, x, dx, g, plan::read_all(style_std), eps);
   write_all(dstyle_mean, a.sum_dy);
   write_all(dstyle_std, a.sum_dy_xhat);
 }

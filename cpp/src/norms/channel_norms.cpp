@@ -286,9 +286,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
       plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
                              param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
     } else {
-      m = plan::channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t, std::int64_t c, double r) {
-        return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
-      });
+      m = plan::channels_last_groups(x, y, g, g.c, eps, store, {plan::read_all(weight), plan::read_all(bias)});
     }
     mean_nc = m.mean;
     rstd_nc = rstd_of(m.var, eps);
@@ -322,9 +320,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
                            bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m,
                            &store);
   } else {
-    m = plan::channels_last_groups(x, y, g, num_groups, eps, store, [&](std::int64_t, std::int64_t c, double r) {
-      return std::pair<double, double>(param_or(weight, c, 1.0) * r, param_or(bias, c, 0.0));
-    });
+    m = plan::channels_last_groups(x, y, g, num_groups, eps, store, {plan::read_all(weight), plan::read_all(bias)});
   }
   plan::write_stats_output(mean, "mean", m.mean, x.dtype);
   plan::write_stats_output(rstd, "rstd", rstd_of(m.var, eps), x.dtype);
@@ -359,9 +355,7 @@ void adain_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& 
     plan::fused_group_rows(x, y, g, g.c, w, b, table_dtype, g.n * g.c, eps, m, &store);
     return;
   }
-  plan::channels_last_groups(x, y, g, g.c, eps, store, [&](std::int64_t n, std::int64_t c, double r) {
-    return std::pair<double, double>(style_std[n * g.c + c] * r, style_mean[n * g.c + c]);
-  });
+  plan::channels_last_groups(x, y, g, g.c, eps, store, {style_std, style_mean});
 }
 
 }  // namespace

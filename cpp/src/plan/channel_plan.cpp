@@ -68,6 +68,23 @@ double read_element(const TensorRef& t, std::int64_t i) {
   return 0;
 }
 
+std::vector<double> read_all(const TensorRef& t) {
+  if (!t.given) return {};
+  std::vector<double> v(t.numel());
+  // One switch per table, not per element (C per call of a channels-last norm).
+  const auto widen = [&v](const auto* p) {
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(p[i]);
+  };
+  switch (t.dtype) {
+    case DType::float32: widen(static_cast<const float*>(t.data)); break;
+    case DType::float64: std::copy_n(static_cast<const double*>(t.data), v.size(), v.begin()); break;
+    case DType::float16: widen(static_cast<const half*>(t.data)); break;
+    case DType::bfloat16: widen(static_cast<const bfloat16*>(t.data)); break;
+    default: break;  // the quantized output types are never read
+  }
+  return v;
+}
+
 void write_element(const TensorRef& t, std::int64_t i, double v) {
   switch (t.dtype) {
     case DType::float32: static_cast<float*>(t.data)[i] = static_cast<float>(v); return;
@@ -360,13 +377,18 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
 }
 
 GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
-                             double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
+                                  double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
   GroupMoments all;
   all.mean.resize(g.n * groups);
   all.var.resize(g.n * groups);
   all.count = (g.c / groups) * g.s;
   const std::int64_t step = samples_per_step(g, x.dtype);
   const std::int64_t per_group = g.c / groups;
+  // Sample n's entries of an affine table (null: the table is empty).
+  auto entries = [&](const std::vector<double>& t, std::int64_t n) -> const double* {
+    if (t.empty()) return nullptr;
+    return t.data() + (static_cast<std::int64_t>(t.size()) == g.c ? 0 : n * g.c);
+  };
   for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
     const std::int64_t count = std::min(step, g.n - n0);
     const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
@@ -374,14 +396,18 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     gs.n = count;
     const GroupMoments m = channel_moments(xs, gs, groups, /*per_sample=*/true);
     std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
-    for (std::int64_t i = 0; i < count; ++i)
-      for (std::int64_t c = 0; c < g.c; ++c) {
-        const std::int64_t grp = i * groups + c / per_group;
-        const auto [a, b] = affine(n0 + i, c, 1.0 / std::sqrt(m.var[grp] + eps));
-        scale[i * g.c + c] = a;
-        shift[i * g.c + c] = b;
-        center[i * g.c + c] = m.mean[grp];
+    for (std::int64_t i = 0; i < count; ++i) {
+      const double* a = entries(affine.a, n0 + i);
+      const double* b = entries(affine.b, n0 + i);
+      for (std::int64_t grp = 0; grp < groups; ++grp) {
+        const double mean = m.mean[i * groups + grp], rstd = 1.0 / std::sqrt(m.var[i * groups + grp] + eps);
+        for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+          scale[i * g.c + c] = a ? a[c] * rstd : rstd;
+          shift[i * g.c + c] = b ? b[c] : 0.0;
+          center[i * g.c + c] = mean;
+        }
       }
+    }
     channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center, y.numel() * element_size(y.dtype), {},
                   nullptr, &store);
     std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);

@@ -8,7 +8,6 @@
 //                   over the group's columns, then apply     columns apply
 #pragma once
 
-#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -85,15 +84,22 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
                       const void* weight, const void* bias, DType param_dtype, std::int64_t param_period,
                       double eps, GroupMoments& moments, const kernels::StoreStage* store = nullptr);
 
+// The affine of a channels-last per-sample norm, per (sample n, channel c):
+// scale = a * rstd, shift = b, with a and b read from tables of C entries (per
+// channel: weight, bias) or N*C entries (per sample and channel: AdaIN's style);
+// an empty table stands for a = 1 / b = 0.
+struct ChannelAffine {
+  std::vector<double> a, b;
+};
+
 // Channels-last per-sample norm (InstanceNorm, GroupNorm, AdaIN): statistics
 // per (sample, group) (N*groups) from the columns kernels, then
-// y = (x - mean) * scale + shift with (scale, shift) = affine(n, c, rstd) per
+// y = (x - mean) * scale + shift with (scale, shift) from `affine` per
 // (sample, channel). The samples are taken a cache-sized step at a time
 // (samples_per_step), so the output pass re-reads them from cache instead of
 // from memory. Returns the moments of all N*groups groups.
-using ChannelAffine = std::function<std::pair<double, double>(std::int64_t n, std::int64_t c, double rstd)>;
 GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
-                             double eps, const kernels::StoreStage& store, const ChannelAffine& affine);
+                                  double eps, const kernels::StoreStage& store, const ChannelAffine& affine);
 
 // Samples [first, first + count) of a tensor contiguous in a channel layout
 // (the batch axis is first in every layout).
@@ -107,6 +113,8 @@ std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype);
 // Reads element i of a float tensor as double / writes it (any normkit dtype).
 double read_element(const TensorRef& t, std::int64_t i);
 void write_element(const TensorRef& t, std::int64_t i, double v);
+// Every element of a float tensor as double (empty when t is not given).
+std::vector<double> read_all(const TensorRef& t);
 
 // Validates an optional (C)-shaped parameter: x's dtype, or float32 for 16-bit x.
 void check_channel_param(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype);
