@@ -44,6 +44,7 @@ _NO_ML_DTYPES = "bfloat16 arrays need ml_dtypes (pip install ml_dtypes)"
 
 # The outputs a caller may pass; each is returned as itself.
 _OUT_ARGS = ("out", "sum_out")
+_NUMPY_OR_NONE = (np.ndarray, type(None))
 
 
 def _torch():
@@ -184,8 +185,9 @@ def same_kind_out(fn: F) -> F:
     @functools.wraps(fn)
     def call(x, *args, **kwargs):
         result = fn(x, *args, **kwargs)
-        if type(x) is np.ndarray and not kwargs:
-            return result  # the common call: NumPy in, NumPy out
+        # The common call, NumPy in and out (layout= and the like are keywords too): as it is.
+        if type(x) is np.ndarray and type(kwargs.get("out")) in _NUMPY_OR_NONE and "sum_out" not in kwargs:
+            return result
         return like_input(x, result, kwargs)
 
     return call  # type: ignore[return-value]

@@ -105,8 +105,8 @@ def elements_overlap(a: np.ndarray) -> bool:
     """Whether two elements of `a` share bytes (a writable broadcast view made
     with as_strided, say): writing such an output would keep one of several
     results at random."""
-    if a.size <= 1:
-        return False
+    if a.size <= 1 or a.flags.c_contiguous or a.flags.f_contiguous:
+        return False  # a contiguous array has one element per location
     dims = sorted((abs(s), n) for n, s in zip(a.shape, a.strides) if n > 1)
     reach = 0  # bytes spanned by the dims of smaller stride
     for stride, n in dims:

@@ -31,10 +31,18 @@ AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
   return t;
 }
 
-std::int64_t columns_block_rows(std::int64_t cols, DType dtype) {
-  // ~256 KiB per block: stays in L2 between the two passes.
-  const std::int64_t rows = (256 * 1024) / (cols * element_size(dtype) + 1);
-  return rows < 16 ? 16 : (rows > 4096 ? 4096 : rows);
+// Rows per block of the columns statistics (the blocks' partials are merged in
+// double afterwards): at most ~256 KiB per block (16 to 4096 rows, `inputs`
+// arrays sharing them), which stays in L2 between the two passes; then blocks
+// of equal size, an even number of them, so that two threads get equal shares
+// (64 rows in blocks of at most 51 were 51 + 13). The blocks follow from the
+// shape alone: results do not depend on the thread count.
+std::int64_t columns_block_rows(std::int64_t rows, std::int64_t cols, DType dtype, int inputs) {
+  const std::int64_t most =
+      std::clamp<std::int64_t>((256 * 1024) / (cols * element_size(dtype) + 1), 16, 4096) / inputs;
+  std::int64_t blocks = (rows + most - 1) / most;
+  if (blocks > 1) blocks += blocks % 2;
+  return std::max<std::int64_t>(1, (rows + blocks - 1) / blocks);
 }
 
 }  // namespace
@@ -252,7 +260,7 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   p.batches = per_sample ? g.n : 1;
   p.rows = per_sample ? g.s : g.n * g.s;
   p.cols = g.c;
-  p.block_rows = columns_block_rows(g.c, x.dtype);
+  p.block_rows = columns_block_rows(p.rows, g.c, x.dtype, 1);
   p.x = x.data;
   const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
   std::vector<double> partial_mean(p.batches * blocks * g.c), partial_m2(partial_mean.size());
@@ -471,7 +479,7 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
   p.batches = per_sample ? g.n : 1;
   p.rows = per_sample ? g.s : g.n * g.s;
   p.cols = g.c;
-  p.block_rows = columns_block_rows(g.c, x.dtype) / 2;  // two inputs per block stay in L2
+  p.block_rows = columns_block_rows(p.rows, g.c, x.dtype, 2);  // x and dy
   p.x = x.data;
   p.dy = dy.data;
   const AccTable center_t = to_acc_table(center, x.dtype);
