@@ -6,10 +6,10 @@
     python bench/python/bench_channels.py --threads 2 --cases 'bn_*' --markdown channels.md
 
 Cases (issue 3): BatchNorm2d [32,64,56,56] inference and training in NCHW and NHWC, BatchNorm1d
-[4096,1024] inference (layout NC), GroupNorm G=32 [8,320,64,64] NCHW and NHWC and [1,320,64,64] NHWC (one
-sample, in cache), InstanceNorm2d [16,64,128,128] NCHW, and float16/bfloat16 versions of the BatchNorm2d and
-GroupNorm cases. Shapes are
-written logically as [N, C, spatial...]; an NHWC case stores x as (N, H, W, C).
+[4096,1024] inference (layout NC), GroupNorm G=32 [8,320,64,64] NCHW and NHWC, [1,320,64,64] NHWC (one
+sample, in cache) and float32 [1,1280,8,8] and [1,320,32,32] NCHW and NHWC (`gn_*_unet8`, `gn_*_unet32`: a
+diffusion UNet's inner blocks at batch 1), InstanceNorm2d [16,64,128,128] NCHW, and float16/bfloat16 versions
+of the BatchNorm2d and the first three GroupNorm cases. Shapes are written logically as [N, C, spatial...]; an NHWC case stores x as (N, H, W, C).
 
 The timing machinery is the rows benchmark's (bench_rows.py, _run.py): per case and thread count,
 every implementation is timed round-robin (one sample of each per repetition, rotating who goes
@@ -69,6 +69,10 @@ BN2D = (32, 64, 56, 56)
 BN1D = (4096, 1024)
 GN = (8, 320, 64, 64)
 GN1 = (1, 320, 64, 64)  # one sample: the common inference case (issue 12), 5 MiB of float32, in cache
+# Smaller single samples, as the inner blocks of a diffusion UNet (320 KiB and 1.25 MiB of float32):
+# per-call costs that do not grow with the data weigh here.
+GN_UNET8 = (1, 1280, 8, 8)
+GN_UNET32 = (1, 320, 32, 32)
 IN2D = (16, 64, 128, 128)
 GROUPS = 32
 MOMENTUM = 0.1
@@ -84,6 +88,10 @@ CASES = {
     "gn_nchw": ("group_norm", GN, "NCHW", True, "float32"),
     "gn_nhwc": ("group_norm", GN, "NHWC", True, "float32"),
     "gn_nhwc_n1": ("group_norm", GN1, "NHWC", True, "float32"),
+    "gn_nchw_unet8": ("group_norm", GN_UNET8, "NCHW", True, "float32"),
+    "gn_nhwc_unet8": ("group_norm", GN_UNET8, "NHWC", True, "float32"),
+    "gn_nchw_unet32": ("group_norm", GN_UNET32, "NCHW", True, "float32"),
+    "gn_nhwc_unet32": ("group_norm", GN_UNET32, "NHWC", True, "float32"),
     "in_nchw": ("instance_norm", IN2D, "NCHW", True, "float32"),
 }
 for _dt, _suffix in (("float16", "f16"), ("bfloat16", "bf16")):
@@ -100,6 +108,8 @@ TARGETS = {
     "gn_nchw": [("torch", 2.0)],
     "gn_nhwc": [("torch", 2.0)],
     "gn_nhwc_n1": [("torch", 2.0)],
+    "gn_nhwc_unet8": [("torch", 2.0)],
+    "gn_nhwc_unet32": [("torch", 2.0)],
     "in_nchw": [("torch", 4.0)],
 }
 for _name in CASES:

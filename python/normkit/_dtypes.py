@@ -139,6 +139,28 @@ def empty(shape, dtype) -> np.ndarray:
     return _ext.cached_buffer(nbytes).view(dtype).reshape(shape)
 
 
+_DIRECT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float64, np.float16))
+
+
+def direct_output(x, params, eps, out):
+    """The output of a plain NumPy call that may go straight to the kernel, or None when it
+    needs the general intake: x a contiguous float32/64/16 NumPy array, parameters of x's
+    dtype (or None), a float eps (or None), and a fresh output below the output cache's
+    size or a contiguous writable NumPy ``out`` of x's dtype."""
+    if (x.dtype not in _DIRECT_DTYPES or not x.flags.c_contiguous or (type(eps) is not float and eps is not None)):
+        return None
+    for p in params:
+        if p is not None and not (type(p) is np.ndarray and p.dtype == x.dtype and p.flags.c_contiguous):
+            return None
+    if out is None:
+        if x.nbytes >= CACHED_OUTPUT_MIN_BYTES:
+            return None  # served from the output cache by the general intake
+        return np.empty(x.shape, x.dtype)
+    if type(out) is np.ndarray and out.dtype == x.dtype and out.flags.c_contiguous and out.flags.writeable:
+        return out
+    return None
+
+
 def indirect_output(out, given, x):
     """For an `out` the kernels cannot write in place: a fresh array to compute
     into (the caller copies it into `out` once). `given` is x as the caller

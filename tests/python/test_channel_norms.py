@@ -588,6 +588,43 @@ def test_out_given_and_in_place(kernel_path, norm, rank, dtype, rng):
                 assert same_bits(inplace[k], fresh[k]), f"{layout} out=x: {k} differs"
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_group_norm_direct_call_matches_the_general_intake(kernel_path, layout, dtype, rng):
+    """The plain NumPy group_norm call goes straight to the kernel; the same call through the
+    general intake (return_stats=True, a Fortran-ordered x copied first, an int-like eps)
+    gives the same bits, and out= (x itself included) is written and returned as itself."""
+    x = in_layout(make_cf(rng, 3, 64, 4, 9, np.dtype(dtype)), layout)
+    w = rng.standard_normal(64).astype(dtype)
+    b = rng.standard_normal(64).astype(dtype)
+    direct = normkit.group_norm(x, 8, w, b, 1e-5, layout=layout)
+    general, _, _ = normkit.group_norm(x, 8, w, b, np.float64(1e-5), layout=layout, return_stats=True)
+    assert same_bits(direct, general)
+    assert same_bits(normkit.group_norm(np.asfortranarray(x), 8, w, b, layout=layout), direct)
+    out = np.full_like(x, np.nan)
+    assert normkit.group_norm(x, 8, w, b, layout=layout, out=out) is out
+    assert same_bits(out, direct)
+    xi = x.copy()
+    assert normkit.group_norm(xi, 8, w, b, layout=layout, out=xi) is xi
+    assert same_bits(xi, direct)
+
+
+def test_group_norm_direct_call_errors_are_the_general_ones():
+    """A bad argument on the direct path falls back to the general intake, whose message names it."""
+    x = np.ones((2, 4, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="num_groups"):
+        normkit.group_norm(x, 3, layout="NHWC")
+    with pytest.raises(ValueError, match="weight"):
+        normkit.group_norm(x, 2, np.ones(7, np.float32), layout="NHWC")
+    with pytest.raises(ValueError, match="out"):
+        normkit.group_norm(x, 2, out=np.empty((2, 4, 4, 9), np.float32))
+    with pytest.raises(ValueError, match="layout"):
+        normkit.group_norm(x, 2, layout="NWHC")
+    buf = np.ones(x.size + 1, np.float32)  # out one element past x: a partial overlap
+    with pytest.raises(ValueError, match="out"):
+        normkit.group_norm(buf[:-1].reshape(x.shape), 2, layout="NHWC", out=buf[1:].reshape(x.shape))
+
+
 # --------------------------------------------------------------------------- non-contiguous inputs
 
 
