@@ -129,6 +129,9 @@ struct ColumnsStats {
   double* partial_mean = nullptr;
   double* partial_m2 = nullptr;
   int threads = 1;
+  // Only units (batch, block) [unit_begin, unit_end) (unit_end < 0: all): a
+  // plan running its own team gives each thread its share.
+  std::int64_t unit_begin = 0, unit_end = -1;
 };
 
 // The "columns" pattern, output: y = (x - center) * scale + shift (ApplyTerms)
@@ -149,7 +152,16 @@ struct ColumnsApply {
   bool streaming_stores = false;
   bool last_first = false;  // after a statistics pass over the same x (see columns.inc)
   int threads = 1;
+  // Only units [unit_begin, unit_end) (unit_end < 0: all), as for ColumnsStats;
+  // the units are blocks of columns_apply_block_rows rows, never crossing a batch.
+  std::int64_t unit_begin = 0, unit_end = -1;
 };
+
+// Rows per unit of the columns apply: up to ~64 KiB of rows of `element_bytes` elements.
+inline std::int64_t columns_apply_block_rows(std::int64_t rows, std::int64_t cols, std::int64_t element_bytes) {
+  const std::int64_t r = 1 + (64 * 1024) / (cols * element_bytes);
+  return rows < r ? rows : r;
+}
 
 // The "rows" pattern, backward: gradients of LayerNorm / RMSNorm (affine per
 // column) and of channels-first InstanceNorm / GroupNorm / AdaIN (affine per

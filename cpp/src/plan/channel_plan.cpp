@@ -23,7 +23,42 @@ struct AccTable {
   std::vector<float> f;
   std::vector<double> d;
   const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
+  void set(std::size_t i, double v) {
+    if (d.empty()) f[i] = static_cast<float>(v);
+    else d[i] = v;
+  }
 };
+AccTable sized_acc_table(std::size_t n, DType x_dtype) {
+  AccTable t;
+  if (x_dtype == DType::float64) t.d.resize(n);
+  else t.f.resize(n);
+  return t;
+}
+
+// With a centre c: y = (x - c) * scale + shift = (x - hi) * scale + (shift - (c - hi) * scale),
+// hi = c rounded to the stats dtype. x - hi is exact for x near the mean, and the
+// rest of c goes into the shift here in double: one subtraction per value instead
+// of two (a large mean stays exact either way).
+struct FoldedCenter {
+  double hi, shift;
+};
+FoldedCenter fold_center(double center, double scale, double shift, DType x_dtype) {
+  const double hi = x_dtype == DType::float64 ? center : double(float(center));
+  return {hi, shift - (center - hi) * scale};
+}
+
+// Merges columns [c0, c1) of batch b from a columns statistics' block
+// partials (`blocks` per batch), block after block.
+Summary merge_column_partials(const kernels::ColumnsStats& p, std::int64_t blocks, std::int64_t b, std::int64_t c0,
+                              std::int64_t c1) {
+  return merge_summaries([&](auto&& visit) {
+    for (std::int64_t k = 0; k < blocks; ++k) {
+      const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
+      const std::int64_t base = (b * blocks + k) * p.cols;
+      for (std::int64_t c = c0; c < c1; ++c) visit(count, p.partial_mean[base + c], p.partial_m2[base + c]);
+    }
+  });
+}
 AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
   AccTable t;
   if (x_dtype == DType::float64) t.d = v;
@@ -58,7 +93,7 @@ TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t coun
 std::int64_t samples_per_step(const ChannelGeometry& g, DType dtype) {
   // Up to ~8 MiB of x per step: it stays in the last-level cache (32 MiB or more
   // on the servers measured) for the second pass, and each step's fixed cost
-  // (two thread forks, the merge, the tables) is spread over several samples.
+  // (a thread team, its barriers, the tables) is spread over several samples.
   constexpr std::int64_t kStepBytes = std::int64_t(8) << 20;
   const std::int64_t sample_bytes = g.s * g.c * element_size(dtype);
   if (sample_bytes == 0) return std::max<std::int64_t>(g.n, 1);
@@ -273,14 +308,7 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   const std::int64_t out_groups = per_sample ? groups : g.c;
   for (std::int64_t b = 0; b < p.batches; ++b) {
     for (std::int64_t grp = 0; grp < out_groups; ++grp) {
-      const Summary m = merge_summaries([&](auto&& visit) {
-        for (std::int64_t k = 0; k < blocks; ++k) {
-          const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
-          const std::int64_t base = (b * blocks + k) * g.c;
-          for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c)
-            visit(count, partial_mean[base + c], partial_m2[base + c]);
-        }
-      });
+      const Summary m = merge_column_partials(p, blocks, b, grp * per_group, (grp + 1) * per_group);
       out.mean[b * out_groups + grp] = m.mean;
       out.var[b * out_groups + grp] = m.m2 / m.count;
     }
@@ -311,18 +339,15 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     }
     return to_acc_table(extended, x.dtype);
   };
-  // With a centre c: y = (x - c) * scale + shift = (x - hi) * scale + (shift - (c - hi) * scale),
-  // hi = c rounded to the stats dtype. x - hi is exact for x near the mean, and the
-  // rest of c goes into the shift here in double: one subtraction per value instead
-  // of two (a large mean stays exact either way).
   AccTable center_t;
   std::vector<double> folded_shift;
-  if (center) {
+  if (center) {  // see fold_center
     std::vector<double> hi(center->size());
-    folded_shift = shift;
+    folded_shift.resize(center->size());
     for (std::size_t i = 0; i < hi.size(); ++i) {
-      hi[i] = x.dtype == DType::float64 ? (*center)[i] : double(float((*center)[i]));
-      folded_shift[i] -= ((*center)[i] - hi[i]) * scale[i];
+      const FoldedCenter f = fold_center((*center)[i], scale[i], shift[i], x.dtype);
+      hi[i] = f.hi;
+      folded_shift[i] = f.shift;
     }
     center_t = table(hi);
   }
@@ -390,8 +415,12 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
   all.mean.resize(g.n * groups);
   all.var.resize(g.n * groups);
   all.count = (g.c / groups) * g.s;
+  if (x.numel() == 0) return all;
+  const auto& kernels = runtime::active_kernels();
   const std::int64_t step = samples_per_step(g, x.dtype);
   const std::int64_t per_group = g.c / groups;
+  const std::int64_t stride = g.c + kernels::kColumnsTablePad;  // see ColumnsApply
+  const std::int64_t whole_output_bytes = y.numel() * element_size(y.dtype);
   // Sample n's entries of an affine table (null: the table is empty).
   auto entries = [&](const std::vector<double>& t, std::int64_t n) -> const double* {
     if (t.empty()) return nullptr;
@@ -400,26 +429,78 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
   for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
     const std::int64_t count = std::min(step, g.n - n0);
     const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
-    ChannelGeometry gs = g;
-    gs.n = count;
-    const GroupMoments m = channel_moments(xs, gs, groups, /*per_sample=*/true);
-    std::vector<double> scale(count * g.c), shift(count * g.c), center(count * g.c);
-    for (std::int64_t i = 0; i < count; ++i) {
-      const double* a = entries(affine.a, n0 + i);
-      const double* b = entries(affine.b, n0 + i);
-      for (std::int64_t grp = 0; grp < groups; ++grp) {
-        const double mean = m.mean[i * groups + grp], rstd = 1.0 / std::sqrt(m.var[i * groups + grp] + eps);
+    const std::int64_t bytes = xs.numel() * element_size(x.dtype);
+
+    kernels::ColumnsStats stats;  // per (sample, column) and block
+    stats.dtype = x.dtype;
+    stats.batches = count;
+    stats.rows = g.s;
+    stats.cols = g.c;
+    stats.block_rows = columns_block_rows(g.s, g.c, x.dtype, 1);
+    stats.x = xs.data;
+    const std::int64_t blocks = (g.s + stats.block_rows - 1) / stats.block_rows;
+    std::vector<double> partial_mean(count * blocks * g.c), partial_m2(partial_mean.size());
+    stats.partial_mean = partial_mean.data();
+    stats.partial_m2 = partial_m2.data();
+
+    // y = (x - hi) * scale + shift, tables per (sample, channel) laid out for the
+    // columns kernel (the pad wraps around) and filled by the merge step below.
+    AccTable scale_t = sized_acc_table(count * stride, x.dtype), shift_t = scale_t, center_t = scale_t;
+    kernels::ColumnsApply apply;
+    apply.dtype = x.dtype;
+    apply.batches = count;
+    apply.rows = g.s;
+    apply.cols = g.c;
+    apply.table_stride = stride;
+    apply.x = xs.data;
+    apply.y = ys.data;
+    apply.scale = scale_t.data();
+    apply.shift = shift_t.data();
+    apply.apply.center = center_t.data();
+    apply.store = store;
+    apply.streaming_stores = !core::same_memory(xs, ys) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
+    apply.last_first = true;  // statistics just computed from the same x
+    const std::int64_t apply_rows = kernels::columns_apply_block_rows(g.s, g.c, element_size(x.dtype));
+    const std::int64_t apply_units = count * ((g.s + apply_rows - 1) / apply_rows);
+
+    // One team through the three steps (statistics, merge and tables, output):
+    // the merge is shared out, and barriers cost less than a second fork (a
+    // [1,1280,8,8] GroupNorm spent half its time between the two forks).
+    runtime::run_team(runtime::threads_for(2 * bytes), [&](int id, int team) {
+      kernels::ColumnsStats mine = stats;
+      const runtime::Share units = runtime::share_of(count * blocks, id, team);
+      mine.unit_begin = units.begin;
+      mine.unit_end = units.end;
+      if (units.end > units.begin) kernels.columns_stats(mine);
+      runtime::team_barrier();
+
+      const runtime::Share sets = runtime::share_of(count * groups, id, team);
+      for (std::int64_t set = sets.begin; set < sets.end; ++set) {
+        const std::int64_t i = set / groups, grp = set % groups;
+        const Summary m = merge_column_partials(stats, blocks, i, grp * per_group, (grp + 1) * per_group);
+        const double mean = m.mean, var = m.m2 / m.count, rstd = 1.0 / std::sqrt(var + eps);
+        all.mean[(n0 + i) * groups + grp] = mean;
+        all.var[(n0 + i) * groups + grp] = var;
+        const double* a = entries(affine.a, n0 + i);
+        const double* b = entries(affine.b, n0 + i);
         for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-          scale[i * g.c + c] = a ? a[c] * rstd : rstd;
-          shift[i * g.c + c] = b ? b[c] : 0.0;
-          center[i * g.c + c] = mean;
+          const double scale = a ? a[c] * rstd : rstd;
+          const FoldedCenter f = fold_center(mean, scale, b ? b[c] : 0.0, x.dtype);
+          for (std::int64_t j = c; j < stride; j += g.c) {  // column c and the pad entries that repeat it
+            scale_t.set(i * stride + j, scale);
+            shift_t.set(i * stride + j, f.shift);
+            center_t.set(i * stride + j, f.hi);
+          }
         }
       }
-    }
-    channel_apply(xs, ys, gs, /*per_sample=*/true, scale, shift, &center, y.numel() * element_size(y.dtype), {},
-                  nullptr, &store);
-    std::copy(m.mean.begin(), m.mean.end(), all.mean.begin() + n0 * groups);
-    std::copy(m.var.begin(), m.var.end(), all.var.begin() + n0 * groups);
+      runtime::team_barrier();
+
+      kernels::ColumnsApply out = apply;
+      const runtime::Share out_units = runtime::share_of(apply_units, id, team);
+      out.unit_begin = out_units.begin;
+      out.unit_end = out_units.end;
+      if (out_units.end > out_units.begin) kernels.columns_apply(out);
+    });
   }
   return all;
 }

@@ -97,7 +97,9 @@ struct ChannelAffine {
 // y = (x - mean) * scale + shift with (scale, shift) from `affine` per
 // (sample, channel). The samples are taken a cache-sized step at a time
 // (samples_per_step), so the output pass re-reads them from cache instead of
-// from memory. Returns the moments of all N*groups groups.
+// from memory; one thread team per step runs the statistics, the merge and
+// tables (shared out by group) and the output, with barriers between.
+// Returns the moments of all N*groups groups.
 GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
                                   double eps, const kernels::StoreStage& store, const ChannelAffine& affine);
 

@@ -70,6 +70,24 @@ int threads_for(std::int64_t bytes) {
 #endif
 }
 
+void run_team(int threads, const std::function<void(int, int)>& body) {
+#if defined(_OPENMP)
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  (void)threads;
+  body(0, 1);
+}
+
+void team_barrier() {
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+}
+
 bool use_streaming_stores(std::int64_t bytes) {
   static const std::int64_t threshold = env_bytes("NORMKIT_STREAMING_MIN_BYTES", kStreamingMinBytes);
   return bytes >= threshold;

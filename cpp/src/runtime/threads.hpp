@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace normkit::runtime {
 
@@ -24,5 +25,23 @@ int threads_for(std::int64_t bytes);
 // environment variable NORMKIT_STREAMING_MIN_BYTES overrides it (for tuning).
 constexpr std::int64_t kStreamingMinBytes = 16 * 1024 * 1024;
 bool use_streaming_stores(std::int64_t bytes);
+
+// Runs body(id, team) on a team of up to `threads` threads (id in [0, team)),
+// for plans that keep one team through several phases: team_barrier() between
+// them costs less than a join and a second fork, and the team shares the work
+// in between. The body must not throw. Without OpenMP: body(0, 1).
+void run_team(int threads, const std::function<void(int id, int team)>& body);
+void team_barrier();  // inside run_team's body: waits for the whole team
+
+// Thread `id`'s share [begin, end) of `count` units split over `team` threads
+// in contiguous runs, the first count % team threads taking one more.
+struct Share {
+  std::int64_t begin, end;
+};
+inline Share share_of(std::int64_t count, int id, int team) {
+  const std::int64_t base = count / team, extra = count % team;
+  const std::int64_t begin = id * base + (id < extra ? id : extra);
+  return {begin, begin + base + (id < extra ? 1 : 0)};
+}
 
 }  // namespace normkit::runtime
