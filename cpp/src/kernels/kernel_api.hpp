@@ -142,6 +142,7 @@ constexpr std::int64_t kColumnsTablePad = 16;  // >= the widest vector's lanes
 struct ColumnsApply {
   DType dtype = DType::float32;
   std::int64_t batches = 0, rows = 0, cols = 0;
+  std::int64_t block_rows = 1;  // rows per unit of work (units never cross a batch)
   std::int64_t table_stride = 0;  // >= cols + kColumnsTablePad
   const void* x = nullptr;
   void* y = nullptr;
@@ -152,16 +153,9 @@ struct ColumnsApply {
   bool streaming_stores = false;
   bool last_first = false;  // after a statistics pass over the same x (see columns.inc)
   int threads = 1;
-  // Only units [unit_begin, unit_end) (unit_end < 0: all), as for ColumnsStats;
-  // the units are blocks of columns_apply_block_rows rows, never crossing a batch.
+  // Only units (batch, block) [unit_begin, unit_end) (unit_end < 0: all), as for ColumnsStats.
   std::int64_t unit_begin = 0, unit_end = -1;
 };
-
-// Rows per unit of the columns apply: up to ~64 KiB of rows of `element_bytes` elements.
-inline std::int64_t columns_apply_block_rows(std::int64_t rows, std::int64_t cols, std::int64_t element_bytes) {
-  const std::int64_t r = 1 + (64 * 1024) / (cols * element_bytes);
-  return rows < r ? rows : r;
-}
 
 // The "rows" pattern, backward: gradients of LayerNorm / RMSNorm (affine per
 // column) and of channels-first InstanceNorm / GroupNorm / AdaIN (affine per

@@ -80,6 +80,11 @@ std::int64_t columns_block_rows(std::int64_t rows, std::int64_t cols, DType dtyp
   return std::max<std::int64_t>(1, (rows + blocks - 1) / blocks);
 }
 
+// Rows per unit of the columns apply: ~64 KiB of x.
+std::int64_t columns_apply_block_rows(std::int64_t rows, std::int64_t cols, DType dtype) {
+  return std::min<std::int64_t>(rows, 1 + (64 * 1024) / (cols * element_size(dtype)));
+}
+
 }  // namespace
 
 TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count) {
@@ -395,6 +400,7 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.batches = batches;
     p.rows = per_sample ? g.s : g.n * g.s;
     p.cols = g.c;
+    p.block_rows = columns_apply_block_rows(p.rows, g.c, x.dtype);
     p.table_stride = stride;
     p.x = x.data;
     p.y = y.data;
@@ -451,6 +457,7 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     apply.batches = count;
     apply.rows = g.s;
     apply.cols = g.c;
+    apply.block_rows = columns_apply_block_rows(g.s, g.c, x.dtype);
     apply.table_stride = stride;
     apply.x = xs.data;
     apply.y = ys.data;
@@ -458,10 +465,10 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     apply.shift = shift_t.data();
     apply.apply.center = center_t.data();
     apply.store = store;
-    apply.streaming_stores = !core::same_memory(xs, ys) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
+    apply.streaming_stores =
+        !core::same_memory(xs, ys) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
     apply.last_first = true;  // statistics just computed from the same x
-    const std::int64_t apply_rows = kernels::columns_apply_block_rows(g.s, g.c, element_size(x.dtype));
-    const std::int64_t apply_units = count * ((g.s + apply_rows - 1) / apply_rows);
+    const std::int64_t apply_units = count * ((g.s + apply.block_rows - 1) / apply.block_rows);
 
     // One team through the three steps (statistics, merge and tables, output):
     // the merge is shared out, and barriers cost less than a second fork (a
