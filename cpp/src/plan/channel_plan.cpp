@@ -80,9 +80,24 @@ std::int64_t columns_block_rows(std::int64_t rows, std::int64_t cols, DType dtyp
   return std::max<std::int64_t>(1, (rows + blocks - 1) / blocks);
 }
 
-// Rows per unit of the columns apply: ~64 KiB of x.
-std::int64_t columns_apply_block_rows(std::int64_t rows, std::int64_t cols, DType dtype) {
-  return std::min<std::int64_t>(rows, 1 + (64 * 1024) / (cols * element_size(dtype)));
+// The columns apply of x into y, `batches` of rows x cols, with tables of
+// cols + kColumnsTablePad entries per batch (see ColumnsApply); the caller adds
+// the centre, the store and the threads. Units of ~64 KiB of x.
+kernels::ColumnsApply columns_apply_problem(const TensorRef& x, const TensorRef& y, std::int64_t batches,
+                                            std::int64_t rows, std::int64_t cols, const void* scale,
+                                            const void* shift) {
+  kernels::ColumnsApply p;
+  p.dtype = x.dtype;
+  p.batches = batches;
+  p.rows = rows;
+  p.cols = cols;
+  p.block_rows = std::min<std::int64_t>(rows, 1 + (64 * 1024) / (cols * element_size(x.dtype)));
+  p.table_stride = cols + kernels::kColumnsTablePad;
+  p.x = x.data;
+  p.y = y.data;
+  p.scale = scale;
+  p.shift = shift;
+  return p;
 }
 
 }  // namespace
@@ -395,17 +410,8 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.threads = threads;
     kernels.rows_forward(p);
   } else {
-    kernels::ColumnsApply p;
-    p.dtype = x.dtype;
-    p.batches = batches;
-    p.rows = per_sample ? g.s : g.n * g.s;
-    p.cols = g.c;
-    p.block_rows = columns_apply_block_rows(p.rows, g.c, x.dtype);
-    p.table_stride = stride;
-    p.x = x.data;
-    p.y = y.data;
-    p.scale = scale_t.data();
-    p.shift = shift_t.data();
+    kernels::ColumnsApply p = columns_apply_problem(x, y, batches, per_sample ? g.s : g.n * g.s, g.c, scale_t.data(),
+                                                    shift_t.data());
     p.apply = apply;
     p.store = store ? *store : plain_store(x.dtype);
     p.streaming_stores = stream;
@@ -452,17 +458,7 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     // y = (x - hi) * scale + shift, tables per (sample, channel) laid out for the
     // columns kernel (the pad wraps around) and filled by the merge step below.
     AccTable scale_t = sized_acc_table(count * stride, x.dtype), shift_t = scale_t, center_t = scale_t;
-    kernels::ColumnsApply apply;
-    apply.dtype = x.dtype;
-    apply.batches = count;
-    apply.rows = g.s;
-    apply.cols = g.c;
-    apply.block_rows = columns_apply_block_rows(g.s, g.c, x.dtype);
-    apply.table_stride = stride;
-    apply.x = xs.data;
-    apply.y = ys.data;
-    apply.scale = scale_t.data();
-    apply.shift = shift_t.data();
+    kernels::ColumnsApply apply = columns_apply_problem(xs, ys, count, g.s, g.c, scale_t.data(), shift_t.data());
     apply.apply.center = center_t.data();
     apply.store = store;
     apply.streaming_stores =
