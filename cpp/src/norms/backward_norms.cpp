@@ -255,22 +255,41 @@ plan::GradSums constant_stats_backward(const TensorRef& dy, const TensorRef& x, 
   return sums;
 }
 
-// BatchNorm's training backward apply pass, from the reductions over the whole
-// batch (count values per channel; sum_dy_xmu taken around `center`, the
-// exact mean): dx for this x, and the weight / bias gradients.
+// One channel of BatchNorm's training backward, from its reductions over the
+// whole batch (count values; sum_dy_xmu taken around `center`, the exact mean):
+// the weight / bias gradients and the apply step's terms.
+struct BatchChannelGrad {
+  double dw, db;
+  plan::ChannelApplyTerms apply;
+};
+BatchChannelGrad batch_channel_grad(double w, double rs, double center, double sum_dy, double sum_dy_xmu,
+                                    std::int64_t count) {
+  const double dw = rs * sum_dy_xmu, db = sum_dy;
+  return {dw, db, {center, -w * rs * rs * (dw / double(count)), -w * rs * (db / double(count)), w * rs}};
+}
+
+// The saved mean may have been rounded (float32): the exact mean of x is
+// mean + sum(x - mean) / count, and dy * (x - mean) is taken around it.
+BatchChannelGrad batch_channel_grad_recentred(double w, double rs, double mean, const plan::ChannelGradSums& s,
+                                              std::int64_t count) {
+  const double delta = s.xc / double(count);
+  return batch_channel_grad(w, rs, mean + delta, s.dy, s.dy_xc - delta * s.dy, count);
+}
+
+// BatchNorm's training backward apply pass for all channels, from their
+// reductions over the whole batch: dx for this x, and the weight / bias gradients.
 void batch_training_apply(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
-                          const TensorRef& weight, const std::vector<double>& center,
-                          const std::vector<double>& rstd_c, const std::vector<double>& sum_dy,
-                          const std::vector<double>& sum_dy_xmu, std::int64_t count, std::vector<double>& dw,
-                          std::vector<double>& db) {
-  std::vector<double> dy_scale(g.c), scale(g.c), shift(g.c);
+                          const std::vector<BatchChannelGrad>& grads,
+                          std::vector<double>& dw, std::vector<double>& db) {
+  std::vector<double> center(g.c), scale(g.c), shift(g.c), dy_scale(g.c);
   for (std::int64_t c = 0; c < g.c; ++c) {
-    const double w = weight_at(weight, c), rs = rstd_c[c];
-    db[c] = sum_dy[c];
-    dw[c] = rs * sum_dy_xmu[c];
-    dy_scale[c] = w * rs;
-    scale[c] = -w * rs * rs * (dw[c] / double(count));
-    shift[c] = -w * rs * (db[c] / double(count));
+    const BatchChannelGrad& t = grads[c];
+    dw[c] = t.dw;
+    db[c] = t.db;
+    center[c] = t.apply.center;
+    scale[c] = t.apply.scale;
+    shift[c] = t.apply.shift;
+    dy_scale[c] = t.apply.dy_scale;
   }
   if (x.numel() > 0) plan::channel_apply(x, dx, g, /*per_sample=*/false, scale, shift, &center, 0, dy, &dy_scale);
 }
@@ -317,18 +336,22 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
         dw[c] = rstd_c[c] * s.dy_xc[c];
         db[c] = s.dy[c];
       }
+  } else if (plan::batch_grad_by_channel(g, x.dtype)) {
+    // Channels first: each channel's sums and dx while it is in cache.
+    plan::batch_grad_by_channel(x, dy, dx, g, mean_c, [&](std::int64_t c, const plan::ChannelGradSums& s) {
+      const BatchChannelGrad t = batch_channel_grad_recentred(weight_at(weight, c), rstd_c[c], mean_c[c], s, g.n * g.s);
+      dw[c] = t.dw;
+      db[c] = t.db;
+      return t.apply;
+    });
   } else {
-    // Sums first (dx may overwrite x or dy), then the apply pass. The saved
-    // mean may be rounded (float32): recentre on the exact mean of x,
-    // mean + sum(x - mean) / count, and take dy * (x - mean) around it.
+    // Sums first (dx may overwrite x or dy), then the apply pass.
     const plan::GradSums s = plan::channel_grad_sums(x, dy, g, /*per_sample=*/false, mean_c);
-    std::vector<double> center(g.c), sum_dy_xmu(g.c);
-    for (std::int64_t c = 0; c < g.c; ++c) {
-      const double delta = s.xc[c] / double(s.count);
-      center[c] = mean_c[c] + delta;
-      sum_dy_xmu[c] = s.dy_xc[c] - delta * s.dy[c];
-    }
-    batch_training_apply(dy, x, dx, g, weight, center, rstd_c, s.dy, sum_dy_xmu, s.count, dw, db);
+    std::vector<BatchChannelGrad> grads(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c)
+      grads[c] = batch_channel_grad_recentred(weight_at(weight, c), rstd_c[c], mean_c[c],
+                                              {s.dy[c], s.dy_xc[c], s.xc[c]}, s.count);
+    batch_training_apply(dy, x, dx, g, grads, dw, db);
   }
   write_all(dweight, dw);
   write_all(dbias, db);
@@ -365,9 +388,13 @@ void batch_norm_backward_with_sums(const TensorRef& dy, const TensorRef& x, cons
   if (global_sums.count < g.n * g.s || global_sums.count < 1)
     core::fail_value("count: the whole batch's count (" + std::to_string(global_sums.count) +
                      ") must be positive and at least this part's " + std::to_string(g.n * g.s));
+  const std::vector<double> mean_c = plan::read_all(mean), rstd_c = plan::read_all(rstd);
   std::vector<double> dw(g.c), db(g.c);
-  batch_training_apply(dy, x, dx, g, weight, plan::read_all(mean), plan::read_all(rstd), global_sums.sum_dy,
-                       global_sums.sum_dy_xmu, global_sums.count, dw, db);
+  std::vector<BatchChannelGrad> grads(g.c);
+  for (std::int64_t c = 0; c < g.c; ++c)
+    grads[c] = batch_channel_grad(weight_at(weight, c), rstd_c[c], mean_c[c], global_sums.sum_dy[c],
+                                  global_sums.sum_dy_xmu[c], global_sums.count);
+  batch_training_apply(dy, x, dx, g, grads, dw, db);
   write_all(dweight, dw);
   write_all(dbias, db);
 }

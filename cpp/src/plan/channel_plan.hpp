@@ -8,6 +8,7 @@
 //                   over the group's columns, then apply     columns apply
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -75,6 +76,28 @@ struct GradSums {
 };
 GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const ChannelGeometry& g, bool per_sample,
                            const std::vector<double>& center);
+
+// One channel's sums over the batch (as GradSums) and the terms of its apply
+// step, dx = (x - center) * scale + shift + dy * dy_scale.
+struct ChannelGradSums {
+  double dy = 0, dy_xc = 0, xc = 0;
+};
+struct ChannelApplyTerms {
+  double center, scale, shift, dy_scale;
+};
+using ChannelGradTerms = std::function<ChannelApplyTerms(std::int64_t c, const ChannelGradSums& sums)>;
+
+// BatchNorm's training backward one channel at a time, channels first: the
+// channel's sums about center[c] (the values channel_grad_sums gives), then
+// terms(c, sums) and the channel's dx while its N planes of x and dy are still
+// in cache, so x and dy come from memory once instead of twice. The channels
+// are shared out over the threads (terms is called from them; it must not
+// throw); the values do not depend on the thread count. batch_grad_by_channel(g,
+// dtype): whether this beats the two passes (channels first, the threads' shares even).
+constexpr std::int64_t kMinChannelPlaneBytes = 1024;
+bool batch_grad_by_channel(const ChannelGeometry& g, DType dtype);
+void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const TensorRef& dx, const ChannelGeometry& g,
+                           const std::vector<double>& center, const ChannelGradTerms& terms);
 
 // Channels-first per-sample norm in one fused pass per (sample, group) row:
 // statistics, then y = (x - mean) * rstd * weight[p] + bias[p], p per segment
