@@ -899,13 +899,16 @@ def test_deterministic(norm, layout, shape, restore_threads):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_batch_norm_backward_channel_order_matches_two_passes(dtype, restore_threads):
     """BatchNorm's channels-first training backward runs channel by channel (each
-    channel's sums, then its dx while it is in cache) when the channels share out
-    evenly over the threads, and in two passes over the whole batch otherwise: 3
-    channels take the first on 1 and 3 threads, the second on 2. Same bits."""
+    channel's sums, then its dx while it is in cache) when x exceeds the cache (16
+    MiB) and the channels share out evenly over the threads, and in two passes over
+    the whole batch otherwise: 3 channels take the first on 1 and 3 threads, the
+    second on 2. Same bits."""
     rng = np.random.default_rng(11)
-    case = channel_case(rng, "bn_train", "NCHW", 16, 3, (96, 96), np_dtype(dtype))
+    itemsize = np.dtype(np_dtype(dtype)).itemsize
+    n = (17 << 20) // (3 * 64 * 64 * itemsize) + 1  # x just over 17 MiB
+    case = channel_case(rng, "bn_train", "NCHW", n, 3, (64, 64), np_dtype(dtype))
     case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
-    assert case["x"].nbytes > 256 << 10
+    assert case["x"].nbytes > 17 << 20
     normkit.set_num_threads(1)
     stats = nk_forward(case, return_stats=True)[1:]
     first = nk_grads(case, stats)
