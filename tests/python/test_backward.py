@@ -611,6 +611,21 @@ def test_channel_backward(kernel_path, norm, layout, weighted, dtype, rng):
         assert all(same_bits(a, b) for a, b in zip(stats, keep_stats)), "the statistics were modified"
 
 
+@pytest.mark.parametrize("side", ["below", "at"])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("norm", ["bn_train", "bn_eval"])
+def test_batch_norm_backward_planes_around_the_columns_limit(kernel_path, norm, dtype, side, rng):
+    """BatchNorm's channels-first apply step takes planes under 1 KiB as rows of
+    C * S columns (the columns kernel) and larger ones a row per plane: planes just
+    below and at the limit, against float64."""
+    dt = np_dtype(dtype)
+    s = 1024 // dt.itemsize - (3 if side == "below" else 0)
+    for c in (3, 17):
+        case = channel_case(rng, norm, "NCL", 3, c, (s,), dt, True)
+        got = nk_grads(case, nk_forward(case, return_stats=True)[1:])
+        assert_against(got, ref_grads(case), case, what=f"{norm} C={c} S={s}")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("norm", ["ln", "rms", "bn_train", "bn_eval", "in", "in_eval", "gn", "adain_pair"])
 def test_16bit_x_float32_params(kernel_path, norm, dtype, rng):

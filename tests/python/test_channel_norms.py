@@ -304,6 +304,23 @@ def test_channels_last_apply_column_runs(kernel_path, dtype, c, offset, rng):
         assert_close(call(None), ref, dt, what=f"{name} C={c} fresh")
 
 
+@pytest.mark.parametrize("side", ["below", "at"])
+@pytest.mark.parametrize("c", [3, 16, 17])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_channels_first_planes_around_the_columns_limit(kernel_path, dtype, c, side, rng):
+    """BatchNorm channels first: planes under 1 KiB go to the columns kernel as rows
+    of C * S columns (each channel's entry repeated over its plane), planes of 1 KiB
+    and more to the rows kernel, one row per plane. Planes just below and at the
+    limit, C around the vector widths, training and inference, both layouts (the
+    channels-last call is the columns kernel proper), against float64."""
+    dt = np_dtype(dtype)
+    s = 1024 // dt.itemsize - (3 if side == "below" else 0)  # odd below: vectors cross planes
+    x_cf = make_cf(rng, 3, c, 3, s, dt)
+    for norm in ("bn_train", "bn_eval"):
+        p = make_case(rng, norm, c, 3, s, dt, "both")
+        run_case(norm, x_cf, 3, p, dt, what=f"{norm} S={s}")
+
+
 @pytest.mark.parametrize("params", ["float32", "same"])
 @pytest.mark.parametrize("stats", ["float32", "same"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

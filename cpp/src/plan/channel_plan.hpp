@@ -61,6 +61,19 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
 // output's size (the kind of store depends on it).
 // With `dy` (the backward's apply step): y += dy * dy_scale, dy_scale a table like scale.
 // `store`: the forward's store stage (null: plain).
+// Channels-first planes smaller than this make short rows for the rows
+// kernels (per-row costs, partial vectors and lines at each edge).
+constexpr std::int64_t kMinChannelPlaneBytes = 1024;
+
+// Channels first with small planes (under kMinChannelPlaneBytes), per channel
+// (not per_sample), channel_apply runs the columns kernel over rows of C * S
+// columns with each channel's entry repeated over its plane: long runs of
+// whole vectors and whole streamed lines, where the rows kernel took a row per
+// plane, its edges written with partial vectors (BatchNorm [256,512,7,7]).
+// The tables then hold C * S entries: at most kMaxColumnsTableBytes each, so they stay in L2.
+constexpr std::int64_t kMaxColumnsTableBytes = 256 * 1024;
+bool small_planes_as_columns(const ChannelGeometry& g, DType dtype);
+
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
                    const std::vector<double>* center, std::int64_t whole_output_bytes = 0,
@@ -94,7 +107,6 @@ using ChannelGradTerms = std::function<ChannelApplyTerms(std::int64_t c, const C
 // are shared out over the threads (terms is called from them; it must not
 // throw); the values do not depend on the thread count. batch_grad_by_channel(g,
 // dtype): whether this beats the two passes (channels first, the threads' shares even).
-constexpr std::int64_t kMinChannelPlaneBytes = 1024;
 bool batch_grad_by_channel(const ChannelGeometry& g, DType dtype);
 void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const TensorRef& dx, const ChannelGeometry& g,
                            const std::vector<double>& center, const ChannelGradTerms& terms);
