@@ -66,6 +66,8 @@ import _run  # noqa: E402
 # cases
 
 BN2D = (32, 64, 56, 56)
+# A late ResNet stage: planes of 49 elements (196 bytes of float32), 25 MiB like BN2D.
+BN2D_7x7 = (256, 512, 7, 7)
 BN1D = (4096, 1024)
 GN = (8, 320, 64, 64)
 GN1 = (1, 320, 64, 64)  # one sample: the common inference case (issue 12), 5 MiB of float32, in cache
@@ -84,6 +86,7 @@ CASES = {
     "bn_inf_nhwc": ("batch_norm", BN2D, "NHWC", False, "float32"),
     "bn_train_nchw": ("batch_norm", BN2D, "NCHW", True, "float32"),
     "bn_train_nhwc": ("batch_norm", BN2D, "NHWC", True, "float32"),
+    "bn_train_nchw_7x7": ("batch_norm", BN2D_7x7, "NCHW", True, "float32"),
     "bn1d_inf": ("batch_norm", BN1D, "NC", False, "float32"),
     "gn_nchw": ("group_norm", GN, "NCHW", True, "float32"),
     "gn_nhwc": ("group_norm", GN, "NHWC", True, "float32"),
