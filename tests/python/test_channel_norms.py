@@ -305,16 +305,18 @@ def test_channels_last_apply_column_runs(kernel_path, dtype, c, offset, rng):
 
 
 @pytest.mark.parametrize("side", ["below", "at"])
+@pytest.mark.parametrize("limit", [256, 1024])
 @pytest.mark.parametrize("c", [3, 16, 17])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-def test_channels_first_planes_around_the_columns_limit(kernel_path, dtype, c, side, rng):
-    """BatchNorm channels first: planes under 1 KiB go to the columns kernel as rows
-    of C * S columns (each channel's entry repeated over its plane), planes of 1 KiB
-    and more to the rows kernel, one row per plane. Planes just below and at the
-    limit, C around the vector widths, training and inference, both layouts (the
-    channels-last call is the columns kernel proper), against float64."""
+def test_channels_first_planes_around_the_columns_limit(kernel_path, dtype, c, limit, side, rng):
+    """BatchNorm channels first: planes under 1 KiB go to the columns kernel's apply as
+    rows of C * S columns (each channel's entry repeated over its plane), planes under
+    256 bytes to its training statistics too; larger planes to the rows kernel, one
+    row per plane. Planes just below and at each limit, C around the vector widths,
+    training and inference, both layouts (the channels-last call is the columns
+    kernel proper), against float64."""
     dt = np_dtype(dtype)
-    s = 1024 // dt.itemsize - (3 if side == "below" else 0)  # odd below: vectors cross planes
+    s = limit // dt.itemsize - (3 if side == "below" else 0)  # odd below: vectors cross planes
     x_cf = make_cf(rng, 3, c, 3, s, dt)
     for norm in ("bn_train", "bn_eval"):
         p = make_case(rng, norm, c, 3, s, dt, "both")
@@ -1130,6 +1132,8 @@ def test_large_batch_norm(kernel_path, threads, case, rng):
 DET_CASES = {
     "bn_train-NHWC": ("bn_train", "NHWC"),
     "bn_train-NCHW": ("bn_train", "NCHW"),
+    # planes of 49 elements: the columns statistics and apply over rows of C * S
+    "bn_train-NCHW-7x7": ("bn_train", "NCHW", (64, 96, 7, 7)),
     "bn_eval-NHWC": ("bn_eval", "NHWC"),
     "bn_train-NC": ("bn_train", "NC"),
     "in_track-NCHW": ("in_track", "NCHW"),
@@ -1145,9 +1149,9 @@ DET_CASES = {
 def test_bit_identical_across_thread_counts(kernel_path, case, rng, restore_threads):
     """1 and 2 threads give the same bits (y, statistics, running statistics) on a
     problem of a few MB, and repeated calls too."""
-    norm, layout = DET_CASES[case]
+    norm, layout = DET_CASES[case][:2]
     dt = np.dtype(np.float32)
-    shape = (8, 32, 64, 64) if layout != "NC" else (32768, 33)
+    shape = DET_CASES[case][2] if len(DET_CASES[case]) > 2 else (8, 32, 64, 64) if layout != "NC" else (32768, 33)
     c = shape[1]
     x = in_layout(make_x(rng, shape, dt), layout)
     p = {"momentum": 0.1, "eps": 1e-5, "groups": 8, "rm": None, "rv": None, "pair": None}

@@ -339,6 +339,32 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
 
+  if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes &&
+      small_planes_as_columns(g, x.dtype)) {
+    // Planes of a few lines: the columns statistics over rows of C * S columns
+    // (one per (channel, position)), merged per channel. Four blocks of samples
+    // (fixed by the shape: two threads get equal shares, and the partials, 4 * C
+    // * S pairs, stay small).
+    kernels::ColumnsStats p;
+    p.dtype = x.dtype;
+    p.batches = 1;
+    p.rows = g.n;
+    p.cols = g.c * g.s;
+    p.block_rows = (g.n + 3) / 4;
+    p.x = x.data;
+    const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+    std::vector<double> partial_mean(blocks * p.cols), partial_m2(partial_mean.size());
+    p.partial_mean = partial_mean.data();
+    p.partial_m2 = partial_m2.data();
+    p.threads = runtime::threads_for(bytes);
+    kernels.columns_stats(p);
+    for (std::int64_t c = 0; c < g.c; ++c) {
+      const Summary m = merge_column_partials(p, blocks, 0, c * g.s, (c + 1) * g.s);
+      out.mean[c] = m.mean;
+      out.var[c] = m.m2 / m.count;
+    }
+    return out;
+  }
   if (!g.channels_last) {
     // Rows statistics: per (sample, group) directly, or per (sample, channel)
     // plane, then merged over the samples for BatchNorm.

@@ -73,6 +73,11 @@ constexpr std::int64_t kMinChannelPlaneBytes = 1024;
 // The tables then hold C * S entries: at most kMaxColumnsTableBytes each, so they stay in L2.
 constexpr std::int64_t kMaxColumnsTableBytes = 256 * 1024;
 bool small_planes_as_columns(const ChannelGeometry& g, DType dtype);
+// BatchNorm's training statistics too, for planes under this: a row per plane
+// of a few lines cost more than the columns kernel's strided rows of C * S
+// (Zen 5 EPYC, 2 threads: [256,512,7,7] float32 3.6-4.6 -> 2.5-3.0 ms, [256,1024,5,5]
+// 5.4-7.2 -> 2.4-3.4; planes of 256 bytes even, 400 to 784 bytes slower).
+constexpr std::int64_t kMaxColumnsStatsPlaneBytes = 256;
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
