@@ -390,7 +390,8 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
     } else {
       // merge_summaries over the samples for every channel, the channels side by
       // side so the planes' moments are read in memory order (a channel's were
-      // C apart: [256,512,7,7] spent 8% of the call in cache misses here). The
+      // C apart: 8% of a [256,512,7,7] call in cache misses, when its planes
+      // still took this path). The
       // same operations in the same order per channel; every part counts `cols`.
       const double count = double(g.n) * double(cols);
       std::vector<double> sum(g.c, 0.0), m2(g.c, 0.0);
