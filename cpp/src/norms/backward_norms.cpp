@@ -336,7 +336,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
         dw[c] = rstd_c[c] * s.dy_xc[c];
         db[c] = s.dy[c];
       }
-  } else if (plan::batch_grad_by_channel(g, x.dtype)) {
+  } else if (plan::use_batch_grad_by_channel(g, x.dtype)) {
     // Channels first: each channel's sums and dx while it is in cache.
     plan::batch_grad_by_channel(x, dy, dx, g, mean_c, [&](std::int64_t c, const plan::ChannelGradSums& s) {
       const BatchChannelGrad t = batch_channel_grad_recentred(weight_at(weight, c), rstd_c[c], mean_c[c], s, g.n * g.s);

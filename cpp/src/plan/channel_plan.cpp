@@ -671,7 +671,7 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
   return out;
 }
 
-bool batch_grad_by_channel(const ChannelGeometry& g, DType dtype) {
+bool use_batch_grad_by_channel(const ChannelGeometry& g, DType dtype) {
   const std::int64_t bytes = g.n * g.c * g.s * element_size(dtype), plane_bytes = g.s * element_size(dtype);
   // x and dy that fit in the last-level cache are read from it again by the
   // two passes, which stream sequentially; and a channel of small planes, a

@@ -110,9 +110,9 @@ using ChannelGradTerms = std::function<ChannelApplyTerms(std::int64_t c, const C
 // terms(c, sums) and the channel's dx while its N planes of x and dy are still
 // in cache, so x and dy come from memory once instead of twice. The channels
 // are shared out over the threads (terms is called from them; it must not
-// throw); the values do not depend on the thread count. batch_grad_by_channel(g,
+// throw); the values do not depend on the thread count. use_batch_grad_by_channel(g,
 // dtype): whether this beats the two passes (channels first, the threads' shares even).
-bool batch_grad_by_channel(const ChannelGeometry& g, DType dtype);
+bool use_batch_grad_by_channel(const ChannelGeometry& g, DType dtype);
 void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const TensorRef& dx, const ChannelGeometry& g,
                            const std::vector<double>& center, const ChannelGradTerms& terms);
 
