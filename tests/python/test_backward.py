@@ -611,6 +611,31 @@ def test_channel_backward(kernel_path, norm, layout, weighted, dtype, rng):
         assert all(same_bits(a, b) for a, b in zip(stats, keep_stats)), "the statistics were modified"
 
 
+@pytest.mark.parametrize("norm", ["ln", "rms"])
+def test_rows_backward_weight_times_dy_beyond_float32(kernel_path, norm):
+    """dy * weight overflows float32 (1e3 * 1.2e36) while dx, rstd times it, is finite:
+    the kernels fold the weight with rstd first (a fuzzer finding: dx was NaN)."""
+    x = np.array([[3.07075097e-4, 1.66827475e-3, -2.5e-4]], np.float32)
+    dy = np.array([[376.954498, 1016.42902, -512.0]], np.float32)
+    w = np.array([382914208, 1.15063591e36, 3.0e35], np.float32)
+    x64, dy64, w64 = (a.astype(np.float64) for a in (x, dy, w))
+    if norm == "ln":
+        mean = np.array([x64.mean()], np.float32)
+        rstd = np.array([4.56809299e-4], np.float32)
+        xhat = (x64 - x64.mean()) * float(rstd[0])
+        g = dy64 * w64
+        ref = float(rstd[0]) * (g - g.mean() - xhat * (g * xhat).mean())
+        dx = normkit.layer_norm_backward(dy, x, mean, rstd, (3,), w)[0]
+    else:
+        rstd = np.array([4.56809299e-4], np.float32)
+        xhat = x64 * float(rstd[0])
+        g = dy64 * w64
+        ref = float(rstd[0]) * (g - xhat * (g * xhat).mean())
+        dx = normkit.rms_norm_backward(dy, x, rstd, (3,), w)[0]
+    assert np.all(np.isfinite(dx)), dx
+    np.testing.assert_allclose(dx, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("side", ["below", "at"])
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("norm", ["bn_train", "bn_eval"])
