@@ -651,6 +651,18 @@ def test_batch_norm_backward_planes_around_the_columns_limit(kernel_path, norm, 
         assert_against(got, ref_grads(case), case, what=f"{norm} C={c} S={s}")
 
 
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("norm", ["bn_train", "bn_eval"])
+def test_batch_norm_backward_small_planes_in_channel_chunks(kernel_path, norm, dtype, rng):
+    """BatchNorm's channels-first apply step over planes of 49 elements with C past
+    one 64 KiB table (two chunks of channels and part of a third), against float64."""
+    dt = np_dtype(dtype)
+    c = 2 * ((64 * 1024) // (49 * (8 if dt == np.float64 else 4))) + 7
+    case = channel_case(rng, norm, "NCL", 3, c, (49,), dt, True)
+    got = nk_grads(case, nk_forward(case, return_stats=True)[1:])
+    assert_against(got, ref_grads(case), case, what=f"{norm} C={c}")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("norm", ["ln", "rms", "bn_train", "bn_eval", "in", "in_eval", "gn", "adain_pair"])
 def test_16bit_x_float32_params(kernel_path, norm, dtype, rng):

@@ -323,6 +323,23 @@ def test_channels_first_planes_around_the_columns_limit(kernel_path, dtype, c, l
         run_case(norm, x_cf, 3, p, dt, what=f"{norm} S={s}")
 
 
+@pytest.mark.parametrize("s", [5, 49])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_channels_first_small_planes_in_channel_chunks(kernel_path, dtype, s, rng):
+    """BatchNorm channels first: small planes go to the columns apply a chunk of
+    channels at a time (tables of at most 64 KiB each: 16384 float32 or 8192 float64
+    entries, whole planes), planes under 256 bytes whatever C. C filling two chunks
+    and part of a third (so chunks end mid-vector and the last one is short),
+    training and inference, both layouts, against float64."""
+    dt = np_dtype(dtype)
+    per_chunk = (64 * 1024) // (s * (8 if dtype == "float64" else 4))
+    c = 2 * per_chunk + 7
+    x_cf = make_cf(rng, 3, c, 3, s, dt)
+    for norm in ("bn_train", "bn_eval"):
+        p = make_case(rng, norm, c, 3, s, dt, "both")
+        run_case(norm, x_cf, 3, p, dt, what=f"{norm} C={c} S={s}")
+
+
 @pytest.mark.parametrize("params", ["float32", "same"])
 @pytest.mark.parametrize("stats", ["float32", "same"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -1134,6 +1151,8 @@ DET_CASES = {
     "bn_train-NCHW": ("bn_train", "NCHW"),
     # planes of 49 elements: the columns statistics and apply over rows of C * S
     "bn_train-NCHW-7x7": ("bn_train", "NCHW", (64, 96, 7, 7)),
+    # the apply over five chunks of channels (C * S past one 64 KiB table), rows statistics
+    "bn_train-NCHW-7x7-chunks": ("bn_train", "NCHW", (8, 1400, 7, 7)),
     "bn_eval-NHWC": ("bn_eval", "NHWC"),
     "bn_train-NC": ("bn_train", "NC"),
     "in_track-NCHW": ("in_track", "NCHW"),

@@ -30,6 +30,21 @@ struct AccTable {
     if (d.empty()) f[i] = static_cast<float>(v);
     else d[i] = v;
   }
+  void copy(std::size_t to, std::size_t from) {
+    if (d.empty()) f[to] = f[from];
+    else d[to] = d[from];
+  }
+  // Entries [at, at + count * repeat): each of v[0..count) `repeat` times.
+  void fill_repeated(std::size_t at, const double* v, std::int64_t count, std::int64_t repeat) {
+    if (d.empty()) fill_repeated_as(f.data() + at, v, count, repeat);
+    else fill_repeated_as(d.data() + at, v, count, repeat);
+  }
+
+ private:
+  template <class A>
+  static void fill_repeated_as(A* out, const double* v, std::int64_t count, std::int64_t repeat) {
+    for (std::int64_t i = 0; i < count; ++i, out += repeat) std::fill(out, out + repeat, static_cast<A>(v[i]));
+  }
 };
 AccTable sized_acc_table(std::size_t n, DType x_dtype) {
   AccTable t;
@@ -339,8 +354,9 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
 
+  const std::int64_t acc_size = element_size(stats_dtype(x.dtype));
   if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes &&
-      small_planes_as_columns(g, x.dtype)) {
+      g.c * g.s * acc_size <= kMaxColumnsTableBytes) {
     // Planes of a few lines: the columns statistics over rows of C * S columns
     // (one per (channel, position)), merged per channel. Four blocks of samples
     // (fixed by the shape: two threads get equal shares, and the partials, 4 * C
@@ -437,9 +453,65 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
 }
 
 bool small_planes_as_columns(const ChannelGeometry& g, DType dtype) {
-  const std::int64_t acc_size = dtype == DType::float64 ? 8 : 4;
-  return g.s * element_size(dtype) < kMinChannelPlaneBytes && g.c * g.s * acc_size <= kMaxColumnsTableBytes;
+  const std::int64_t plane_bytes = g.s * element_size(dtype);
+  return plane_bytes < kMaxColumnsStatsPlaneBytes ||
+         (plane_bytes < kMinChannelPlaneBytes && g.c * g.s * element_size(stats_dtype(dtype)) <= kMaxColumnsTableBytes);
 }
+
+namespace {
+
+// Channels per chunk of the small-plane columns apply: as many whole planes as
+// fill a table of kColumnsTableChunkBytes (at least one).
+std::int64_t plane_chunk_channels(const ChannelGeometry& g, DType dtype) {
+  return std::max<std::int64_t>(1, kColumnsTableChunkBytes / (g.s * element_size(stats_dtype(dtype))));
+}
+
+// The columns apply over small channels-first planes (see small_planes_as_columns),
+// a chunk of channels at a time: for chunk [c0, c1) each sample's run of
+// (c1 - c0) * S elements is one row of columns (channel c's entry repeated over its
+// plane), with tables of that chunk alone, so they stay in L2 whatever C is. A
+// team takes the chunks in order, its threads a share of the samples each (last
+// first after a statistics pass, as the columns kernel does). `base`: the
+// problem of the first chunk (its cols and table_stride give the chunks'), with
+// the tables of all chunks a table_stride apart, and the store, apply terms and
+// stream flag.
+void apply_small_planes_in_chunks(const TensorRef& x, const TensorRef& y, const TensorRef& dy, const ChannelGeometry& g,
+                                  const kernels::ColumnsApply& base, int threads) {
+  const auto& kernels = runtime::active_kernels();
+  const std::int64_t per_chunk = base.cols / g.s, stride = base.table_stride;
+  const std::int64_t chunks = (g.c + per_chunk - 1) / per_chunk;
+  const std::int64_t acc_size = element_size(stats_dtype(x.dtype));
+  auto at = [&](const void* table, std::int64_t k) -> const void* {
+    return table ? static_cast<const char*>(table) + k * stride * acc_size : nullptr;
+  };
+  runtime::run_team(threads, [&](int id, int team) {
+    const runtime::Share samples = runtime::share_of(g.n, id, team);
+    for (std::int64_t k = 0; k < chunks; ++k) {
+      const std::int64_t c0 = k * per_chunk;
+      kernels::ColumnsApply p = base;
+      p.batches = 1;
+      p.rows = 1;
+      p.block_rows = 1;
+      p.cols = (std::min(g.c, c0 + per_chunk) - c0) * g.s;
+      p.table_stride = stride;
+      p.scale = at(base.scale, k);
+      p.shift = at(base.shift, k);
+      p.apply.center = at(base.apply.center, k);
+      p.apply.dy_scale = at(base.apply.dy_scale, k);
+      p.threads = 1;
+      for (std::int64_t i = samples.begin; i < samples.end; ++i) {
+        const std::int64_t n = base.last_first ? samples.end - 1 - (i - samples.begin) : i;
+        const std::int64_t offset = (n * g.c + c0) * g.s;
+        p.x = element_at(x.data, offset, x.dtype);
+        p.y = const_cast<char*>(element_at(y.data, offset, y.dtype));
+        if (dy.given) p.apply.dy = element_at(dy.data, offset, x.dtype);
+        kernels.columns_apply(p);
+      }
+    }
+  });
+}
+
+}  // namespace
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
                    const std::vector<double>& scale, const std::vector<double>& shift,
@@ -449,20 +521,31 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   const std::int64_t batches = per_sample ? g.n : 1;
-  // Channels last, and channels first with small planes (as rows of C * S
-  // columns, each channel's entry repeated over its plane), go to the columns
-  // kernel, which reads tables extended periodically per batch (see
-  // ColumnsApply); the rows kernel reads them as they are.
+  // Channels last, and channels first with small planes (as rows of columns,
+  // each channel's entry repeated over its plane, a chunk of channels at a
+  // time), go to the columns kernel, which reads tables extended periodically
+  // per batch or chunk (see ColumnsApply); the rows kernel reads them as they are.
   const bool planes_as_columns = !g.channels_last && !per_sample && small_planes_as_columns(g, x.dtype);
   const bool columns = g.channels_last || planes_as_columns;
-  const std::int64_t repeat = planes_as_columns ? g.s : 1, cols = g.c * repeat;
-  const std::int64_t stride = cols + kernels::kColumnsTablePad;
-  // Lays a double table out for the kernel and converts it to the stats dtype, once.
+  // Lays a double table out for the kernel and converts it to the stats dtype, once:
+  // channels last, `batches` parts of C entries; small planes, a part per chunk
+  // of channels, channel c's entry repeated over its plane; each part padded by
+  // repeating its first entries.
+  const std::int64_t part_channels = planes_as_columns ? plane_chunk_channels(g, x.dtype) : g.c;
+  const std::int64_t parts = planes_as_columns ? (g.c + part_channels - 1) / part_channels : batches;
+  const std::int64_t repeat = planes_as_columns ? g.s : 1;
+  const std::int64_t stride = part_channels * repeat + kernels::kColumnsTablePad;
   auto table = [&](const std::vector<double>& v) {
     if (!columns) return to_acc_table(v, x.dtype);
-    AccTable t = sized_acc_table(batches * stride, x.dtype);
-    for (std::int64_t b = 0; b < batches; ++b)
-      for (std::int64_t j = 0; j < stride; ++j) t.set(b * stride + j, v[b * g.c + (j % cols) / repeat]);  // the pad wraps around
+    AccTable t = sized_acc_table(parts * stride, x.dtype);
+    for (std::int64_t k = 0; k < parts; ++k) {
+      // Part k: channels [c0, c1) of entries v[first + c - c0], each `repeat` times.
+      const std::int64_t c0 = planes_as_columns ? k * part_channels : 0;
+      const std::int64_t c1 = std::min(g.c, c0 + part_channels);
+      const std::int64_t first = planes_as_columns ? c0 : k * g.c, cols = (c1 - c0) * repeat;
+      t.fill_repeated(k * stride, v.data() + first, c1 - c0, repeat);
+      for (std::int64_t j = cols; j < stride; ++j) t.copy(k * stride + j, k * stride + j % cols);
+    }
     return t;
   };
   AccTable center_t;
@@ -505,16 +588,18 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
     p.last_first = center != nullptr && stream;
     p.threads = threads;
     kernels.rows_forward(p);
-  } else {
-    const std::int64_t rows = planes_as_columns ? g.n : (per_sample ? g.s : g.n * g.s);
-    kernels::ColumnsApply p = columns_apply_problem(x, y, batches, rows, cols, scale_t.data(), shift_t.data());
-    p.apply = apply;
-    p.store = store ? *store : plain_store(x.dtype);
-    p.streaming_stores = stream;
-    p.last_first = center != nullptr;  // a centre: statistics just computed from x
-    p.threads = threads;
-    kernels.columns_apply(p);
+    return;
   }
+  const std::int64_t rows = planes_as_columns ? g.n : (per_sample ? g.s : g.n * g.s);
+  kernels::ColumnsApply p =
+      columns_apply_problem(x, y, batches, rows, part_channels * repeat, scale_t.data(), shift_t.data());
+  p.apply = apply;
+  p.store = store ? *store : plain_store(x.dtype);
+  p.streaming_stores = stream;
+  p.last_first = center != nullptr;  // a centre: statistics just computed from x
+  p.threads = threads;
+  if (planes_as_columns) apply_small_planes_in_chunks(x, y, dy, g, p, threads);
+  else kernels.columns_apply(p);
 }
 
 GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,

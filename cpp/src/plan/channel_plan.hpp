@@ -65,18 +65,28 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
 // kernels (per-row costs, partial vectors and lines at each edge).
 constexpr std::int64_t kMinChannelPlaneBytes = 1024;
 
-// Channels first with small planes (under kMinChannelPlaneBytes), per channel
-// (not per_sample), channel_apply runs the columns kernel over rows of C * S
-// columns with each channel's entry repeated over its plane: long runs of
-// whole vectors and whole streamed lines, where the rows kernel took a row per
-// plane, its edges written with partial vectors (BatchNorm [256,512,7,7]).
-// The tables then hold C * S entries: at most kMaxColumnsTableBytes each, so they stay in L2.
+// Channels first with small planes, per channel (not per_sample), channel_apply
+// runs the columns kernel over rows of columns with each channel's entry
+// repeated over its plane: long runs of whole vectors and whole streamed lines,
+// where the rows kernel took a row per plane, its edges written with partial
+// vectors and lines (BatchNorm [256,512,7,7]). The channels go a chunk at a
+// time, each chunk's tables at most kColumnsTableChunkBytes, so they stay in L2
+// whatever C is (one table of C * S entries, [64,2048,7,7]'s 392 KiB, ran the
+// apply 2x slower; 64 KiB chunks ran 5-8% faster than 256 KiB ones).
+// Taken for planes under kMaxColumnsStatsPlaneBytes whatever C ([64,2048,7,7]:
+// inference 1.9 -> 0.86 ms, training 3.6 -> 2.3, backward 4.4 -> 3.1; Zen 5 EPYC,
+// 2 threads), and for planes under kMinChannelPlaneBytes while C * S entries fit
+// kMaxColumnsTableBytes: planes of 392 and 784 bytes with more channels ran
+// 15-35% slower as columns than as rows ([64,1024,14,14] bfloat16, [32,1024,14,14]).
+constexpr std::int64_t kColumnsTableChunkBytes = 64 * 1024;
 constexpr std::int64_t kMaxColumnsTableBytes = 256 * 1024;
 bool small_planes_as_columns(const ChannelGeometry& g, DType dtype);
 // BatchNorm's training statistics too, for planes under this: a row per plane
 // of a few lines cost more than the columns kernel's strided rows of C * S
 // (Zen 5 EPYC, 2 threads: [256,512,7,7] float32 3.6-4.6 -> 2.5-3.0 ms, [256,1024,5,5]
-// 5.4-7.2 -> 2.4-3.4; planes of 256 bytes even, 400 to 784 bytes slower).
+// 5.4-7.2 -> 2.4-3.4; planes of 256 bytes even, 400 to 784 bytes slower), while
+// the C * S columns' accumulators fit kMaxColumnsTableBytes ([64,2048,7,7]'s
+// 100K columns, read down 64 samples 392 KiB apart, ran slower than the rows).
 constexpr std::int64_t kMaxColumnsStatsPlaneBytes = 256;
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
