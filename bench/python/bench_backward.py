@@ -75,6 +75,8 @@ import _run  # noqa: E402
 BN2D = (32, 64, 56, 56)
 # A late ResNet stage: planes of 49 elements (196 bytes of float32), 25 MiB like BN2D.
 BN2D_7x7 = (256, 512, 7, 7)
+# ResNet-50's last stage: 2048 channels of 7x7 planes (C * S past one 64 KiB table), 25 MiB.
+BN2D_2048x7x7 = (64, 2048, 7, 7)
 GN = (8, 320, 64, 64)
 GROUPS = 32
 EPS = 1e-5  # LayerNorm, BatchNorm, GroupNorm
@@ -102,6 +104,7 @@ CASES = {
     "ln_8192x768_bf16": ("layer_norm", (8192, 768), None, "bfloat16"),
     "gn_nhwc": ("group_norm", GN, "NHWC", "float32"),
     "bn_train_nchw_7x7": ("batch_norm", BN2D_7x7, "NCHW", "float32"),
+    "bn_train_nchw_2048x7x7": ("batch_norm", BN2D_2048x7x7, "NCHW", "float32"),
 }
 
 # Targets from the issue (2 threads): normkit's backward at least 2x PyTorch autograd's backward.
