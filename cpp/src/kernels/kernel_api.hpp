@@ -125,6 +125,10 @@ struct RowsForward {
 struct ColumnsStats {
   DType dtype = DType::float32;
   std::int64_t batches = 0, rows = 0, cols = 0, block_rows = 1;
+  // Elements from one row of x to the next (0: cols, rows contiguous); a wider
+  // pitch reads a band of `cols` columns out of longer rows (x[b, m, c] at
+  // (b * rows + m) * row_pitch + c).
+  std::int64_t row_pitch = 0;
   const void* x = nullptr;
   double* partial_mean = nullptr;
   double* partial_m2 = nullptr;

@@ -354,31 +354,44 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
 
-  const std::int64_t acc_size = element_size(stats_dtype(x.dtype));
-  if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes &&
-      g.c * g.s * acc_size <= kMaxColumnsTableBytes) {
-    // Planes of a few lines: the columns statistics over rows of C * S columns
-    // (one per (channel, position)), merged per channel. Four blocks of samples
-    // (fixed by the shape: two threads get equal shares, and the partials, 4 * C
-    // * S pairs, stay small).
-    kernels::ColumnsStats p;
+  if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes) {
+    // Planes of a few lines: the columns statistics per (channel, position) over
+    // the samples, then merged per channel. The C * S columns go in bands of
+    // kColumnsStatsBandBytes of accumulators, each one block of all N samples:
+    // the kernel sweeps a band's rows in memory order, its sums in L1; bands are
+    // shared out over the team (fixed by the shape, so the values do not depend
+    // on the thread count), then the channels' merges.
+    const std::int64_t cols = g.c * g.s;
+    const std::int64_t band = kColumnsStatsBandBytes / element_size(stats_dtype(x.dtype));
+    const std::int64_t bands = (cols + band - 1) / band;
+    kernels::ColumnsStats p;  // the whole: one block of N rows of C * S columns (for the merge)
     p.dtype = x.dtype;
     p.batches = 1;
-    p.rows = g.n;
-    p.cols = g.c * g.s;
-    p.block_rows = (g.n + 3) / 4;
-    p.x = x.data;
-    const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-    std::vector<double> partial_mean(blocks * p.cols), partial_m2(partial_mean.size());
+    p.rows = p.block_rows = g.n;
+    p.cols = cols;
+    p.row_pitch = cols;
+    std::vector<double> partial_mean(cols), partial_m2(cols);
     p.partial_mean = partial_mean.data();
     p.partial_m2 = partial_m2.data();
-    p.threads = runtime::threads_for(bytes);
-    kernels.columns_stats(p);
-    for (std::int64_t c = 0; c < g.c; ++c) {
-      const Summary m = merge_column_partials(p, blocks, 0, c * g.s, (c + 1) * g.s);
-      out.mean[c] = m.mean;
-      out.var[c] = m.m2 / m.count;
-    }
+    runtime::run_team(runtime::threads_for(bytes), [&](int id, int team) {
+      const runtime::Share mine = runtime::share_of(bands, id, team);
+      for (std::int64_t k = mine.begin; k < mine.end; ++k) {
+        kernels::ColumnsStats q = p;
+        q.cols = std::min(band, cols - k * band);
+        q.x = element_at(x.data, k * band, x.dtype);
+        q.partial_mean = p.partial_mean + k * band;
+        q.partial_m2 = p.partial_m2 + k * band;
+        q.threads = 1;
+        kernels.columns_stats(q);
+      }
+      runtime::team_barrier();
+      const runtime::Share channels = runtime::share_of(g.c, id, team);
+      for (std::int64_t c = channels.begin; c < channels.end; ++c) {
+        const Summary m = merge_column_partials(p, 1, 0, c * g.s, (c + 1) * g.s);
+        out.mean[c] = m.mean;
+        out.var[c] = m.m2 / m.count;
+      }
+    });
     return out;
   }
   if (!g.channels_last) {
