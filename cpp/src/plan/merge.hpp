@@ -5,6 +5,9 @@
 // (normkit/moments.hpp) merged across shards.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 namespace normkit::plan {
 
 struct Summary {
@@ -40,6 +43,29 @@ Summary merge_summaries(Each&& each) {
     out.m2 += q + n * d * d;
   });
   return out;
+}
+
+// merge_summaries for `sets` sets side by side, from parts given as mean and
+// variance: part i of set j is (n, mean[i * sets + j], var[i * sets + j] * n),
+// every part counting n > 0. The same operations per set, in the same order,
+// as merge_summaries; the parts are read in memory order, part after part,
+// where one set at a time read them `sets` apart (BatchNorm's planes merged
+// over the samples: 8% of a [256,512,7,7] call in cache misses). Writes each
+// set's mean and variance (M2 / count).
+inline void merge_side_by_side(std::int64_t parts, std::int64_t sets, double n, const double* mean, const double* var,
+                               double* out_mean, double* out_var) {
+  const double count = double(parts) * n;
+  std::vector<double> sum(sets, 0.0), m2(sets, 0.0);
+  const double* reference = mean;  // the first part of every set
+  for (std::int64_t i = 0, r = 0; i < parts; ++i)
+    for (std::int64_t j = 0; j < sets; ++j, ++r) sum[j] += n * (mean[r] - reference[j]);
+  for (std::int64_t j = 0; j < sets; ++j) out_mean[j] = reference[j] + sum[j] / count;
+  for (std::int64_t i = 0, r = 0; i < parts; ++i)
+    for (std::int64_t j = 0; j < sets; ++j, ++r) {
+      const double d = mean[r] - out_mean[j];
+      m2[j] += var[r] * n + n * d * d;
+    }
+  for (std::int64_t j = 0; j < sets; ++j) out_var[j] = m2[j] / count;
 }
 
 }  // namespace normkit::plan
