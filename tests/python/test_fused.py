@@ -774,6 +774,25 @@ def test_quantize_channels(kernel_path, norm, layout, kind, dtype, rng):
     assert_unchanged(inputs, copies)
 
 
+@pytest.mark.parametrize("kind", QUANTIZE_KINDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_epilogue_over_channel_chunks(kernel_path, training, kind, rng):
+    """BatchNorm channels first on 7x7 planes with C past one 64 KiB table, so the
+    apply takes three chunks of channels: relu and a static-scale quantization in the
+    output stage against the float64 reference, and the quantization of the plain
+    call's relu output."""
+    c = 2 * ((64 * 1024) // (49 * 4)) + 7
+    x = make_x(rng, (2, c, 7, 7), np.float32)
+    rm, rv = (0.1 * rng.standard_normal(c)).astype(np.float32), (0.5 + rng.random(c)).astype(np.float32)
+    w, b = make_params(rng, (c,), np.float32, "both")
+    scale = STATIC_SCALE[kind]
+    q = normkit.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation="relu", quantize=kind, scale=scale)
+    v = batch_norm_ref(x, rm, rv, w, b, training, 0.1, 1e-5, "NCHW")[0]
+    assert_quantized(q, activation_ref(v, "relu"), scale, kind, np.float32)
+    y = normkit.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation="relu")
+    assert_quantizes(q, y, scale, kind)
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 @pytest.mark.parametrize("kind", QUANTIZE_KINDS)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
