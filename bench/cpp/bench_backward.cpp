@@ -10,8 +10,9 @@
 // (e.g. --benchmark_filter=_bwd/f32/NHWC or --benchmark_filter=/scalar/).
 // Cases (the shapes of bench/python/bench_backward.py): LayerNorm [8192,768]
 // float32 and float16 (float32 weight), RMSNorm [8192,4096] float32, BatchNorm2d
-// training [32,64,56,56] NCHW and NHWC, GroupNorm G=32 [8,320,64,64] NCHW and
-// NHWC, InstanceNorm2d [16,64,128,128] NCHW and NHWC (affine).
+// training [32,64,56,56] NCHW and NHWC, and NCHW [256,512,7,7], [64,2048,7,7],
+// [32,1024,14,14]; GroupNorm G=32 [8,320,64,64] NCHW and NHWC, InstanceNorm2d
+// [16,64,128,128] NCHW and NHWC (affine).
 //
 // Only the backward is timed. x and dy are fixed; mean and rstd come from one
 // untimed forward (the statistics the forward writes for backward); every call
@@ -54,6 +55,10 @@ const Case kCases[] = {
     {Op::rms, nk::Layout::NC, {8192, 4096}, false},
     {Op::bn_training, nk::Layout::NCHW, {32, 64, 56, 56}, false},
     {Op::bn_training, nk::Layout::NHWC, {32, 64, 56, 56}, false},
+    // Late ResNet stages, small planes: 7x7 (196 bytes) with 512 and 2048 channels, 14x14 (784 bytes) with 1024.
+    {Op::bn_training, nk::Layout::NCHW, {256, 512, 7, 7}, false},
+    {Op::bn_training, nk::Layout::NCHW, {64, 2048, 7, 7}, false},
+    {Op::bn_training, nk::Layout::NCHW, {32, 1024, 14, 14}, false},
     {Op::group, nk::Layout::NCHW, {8, 320, 64, 64}, false},
     {Op::group, nk::Layout::NHWC, {8, 320, 64, 64}, false},
     {Op::instance, nk::Layout::NCHW, {16, 64, 128, 128}, false},
