@@ -180,6 +180,30 @@ kernels::ColumnsApply columns_apply_problem(const TensorRef& x, const TensorRef&
   return p;
 }
 
+// The columns statistics of `batches` x `rows` x `cols` contiguous elements of
+// x in fixed row blocks (columns_block_rows), their partials in `partials`
+// (sized here); the caller adds the threads or the unit range.
+struct ColumnPartials {
+  std::vector<double> mean, m2;
+  std::int64_t blocks = 0;  // row blocks per batch
+};
+kernels::ColumnsStats columns_stats_problem(const TensorRef& x, std::int64_t batches, std::int64_t rows,
+                                            std::int64_t cols, ColumnPartials& partials) {
+  kernels::ColumnsStats p;
+  p.dtype = x.dtype;
+  p.batches = batches;
+  p.rows = rows;
+  p.cols = cols;
+  p.block_rows = columns_block_rows(rows, cols, x.dtype, 1);
+  p.x = x.data;
+  partials.blocks = (rows + p.block_rows - 1) / p.block_rows;
+  partials.mean.assign(batches * partials.blocks * cols, 0.0);
+  partials.m2.assign(partials.mean.size(), 0.0);
+  p.partial_mean = partials.mean.data();
+  p.partial_m2 = partials.m2.data();
+  return p;
+}
+
 }  // namespace
 
 TensorRef sample_slice(const TensorRef& t, std::int64_t first, std::int64_t count) {
@@ -424,17 +448,10 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   }
 
   // Columns statistics per (batch, channel) from fixed row blocks.
-  kernels::ColumnsStats p;
-  p.dtype = x.dtype;
-  p.batches = per_sample ? g.n : 1;
-  p.rows = per_sample ? g.s : g.n * g.s;
-  p.cols = g.c;
-  p.block_rows = columns_block_rows(p.rows, g.c, x.dtype, 1);
-  p.x = x.data;
-  const std::int64_t blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-  std::vector<double> partial_mean(p.batches * blocks * g.c), partial_m2(partial_mean.size());
-  p.partial_mean = partial_mean.data();
-  p.partial_m2 = partial_m2.data();
+  ColumnPartials partials;
+  kernels::ColumnsStats p =
+      columns_stats_problem(x, per_sample ? g.n : 1, per_sample ? g.s : g.n * g.s, g.c, partials);
+  const std::int64_t blocks = partials.blocks;
   p.threads = runtime::threads_for(bytes);
   kernels.columns_stats(p);
 
@@ -622,17 +639,9 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
     const std::int64_t bytes = xs.numel() * element_size(x.dtype);
 
-    kernels::ColumnsStats stats;  // per (sample, column) and block
-    stats.dtype = x.dtype;
-    stats.batches = count;
-    stats.rows = g.s;
-    stats.cols = g.c;
-    stats.block_rows = columns_block_rows(g.s, g.c, x.dtype, 1);
-    stats.x = xs.data;
-    const std::int64_t blocks = (g.s + stats.block_rows - 1) / stats.block_rows;
-    std::vector<double> partial_mean(count * blocks * g.c), partial_m2(partial_mean.size());
-    stats.partial_mean = partial_mean.data();
-    stats.partial_m2 = partial_m2.data();
+    ColumnPartials partials;  // per (sample, column) and block
+    const kernels::ColumnsStats stats = columns_stats_problem(xs, count, g.s, g.c, partials);
+    const std::int64_t blocks = partials.blocks;
 
     // y = (x - hi) * scale + shift, tables per (sample, channel) laid out for the
     // columns kernel (the pad wraps around) and filled by the merge step below.
