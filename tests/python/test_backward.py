@@ -971,6 +971,33 @@ def test_batch_norm_backward_channel_order_matches_two_passes(dtype, restore_thr
             assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
 
 
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+def test_batch_norm_backward_channel_blocks(kernel_path, dtype, restore_threads):
+    """Planes under 1 KiB whose C * S tables pass the columns apply's limit take
+    BatchNorm's channels-first training backward a block of channels at a time
+    (each sample's planes of a block a run of at least 32 KiB) when x exceeds 16
+    MiB: 14x14 planes, 520 channels, in 13 blocks of 40 (float32) or 7 of 75
+    (16-bit); float64's 1568-byte planes take one channel per block. Against
+    float64, and the same bits on 1, 2 and 3 threads, where the threads' uneven
+    shares of the blocks send 3 threads (float32) or 2 and 3 (16-bit) to the two
+    passes over the whole batch."""
+    rng = np.random.default_rng(12)
+    dt = np_dtype(dtype)
+    c, side = 520, 14
+    n = (17 << 20) // (c * side * side * dt.itemsize) + 1  # x just over 17 MiB
+    case = channel_case(rng, "bn_train", "NCHW", n, c, (side, side), dt)
+    case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
+    normkit.set_num_threads(1)
+    stats = nk_forward(case, return_stats=True)[1:]
+    first = nk_grads(case, stats)
+    assert_against(first, ref_grads(case), case, what=f"C={c} {side}x{side}")
+    for threads in (2, 3):
+        normkit.set_num_threads(threads)
+        again = nk_grads(case, stats)
+        for k in first:
+            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
+
+
 def test_backward_exported():
     for name in ("layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
                  "group_norm_backward", "adaptive_instance_norm_backward"):
