@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 
 #include "core/check.hpp"
@@ -391,9 +392,10 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
     p.rows = p.block_rows = g.n;
     p.cols = cols;
     p.row_pitch = cols;
-    std::vector<double> partial_mean(cols), partial_m2(cols);
-    p.partial_mean = partial_mean.data();
-    p.partial_m2 = partial_m2.data();
+    // Every entry is written by its band: no zeroing before the team.
+    const std::unique_ptr<double[]> partial_mean(new double[cols]), partial_m2(new double[cols]);
+    p.partial_mean = partial_mean.get();
+    p.partial_m2 = partial_m2.get();
     runtime::run_team(runtime::threads_for(bytes), [&](int id, int team) {
       const runtime::Share mine = runtime::share_of(bands, id, team);
       for (std::int64_t k = mine.begin; k < mine.end; ++k) {
@@ -473,9 +475,9 @@ bool small_planes_as_columns(const ChannelGeometry& g, DType dtype) {
 namespace {
 
 // Channels per chunk of the small-plane columns apply: as many whole planes as
-// fill a table of kColumnsTableChunkBytes (at least one).
+// fill a table of kColumnsTableChunkBytes (at least one, at most C).
 std::int64_t plane_chunk_channels(const ChannelGeometry& g, DType dtype) {
-  return std::max<std::int64_t>(1, kColumnsTableChunkBytes / (g.s * element_size(stats_dtype(dtype))));
+  return std::clamp<std::int64_t>(kColumnsTableChunkBytes / (g.s * element_size(stats_dtype(dtype))), 1, g.c);
 }
 
 // The double tables of an apply step, per channel (see channel_apply); center
@@ -514,11 +516,13 @@ void apply_small_planes_in_chunks(const TensorRef& x, const TensorRef& y, const 
     AccTable dy_scale_t = sized_acc_table(tables.dy_scale ? stride : 0, x.dtype);
     for (std::int64_t k = 0; k < chunks; ++k) {
       const std::int64_t c0 = k * per_chunk, c1 = std::min(g.c, c0 + per_chunk), cols = (c1 - c0) * g.s;
-      // Channel c's entry repeated over its plane, then padded by repeating the first entries.
+      // Channel c's entry repeated over its plane, then padded by repeating the
+      // first entries (as far as the kernel reads: a last, smaller chunk's
+      // table ends before the stride).
       auto lay_out = [&](AccTable& t, const std::vector<double>* v) {
         if (!v) return;
         t.fill_repeated(0, v->data() + c0, c1 - c0, g.s);
-        for (std::int64_t j = cols; j < stride; ++j) t.copy(j, j % cols);
+        for (std::int64_t j = cols; j < cols + kernels::kColumnsTablePad; ++j) t.copy(j, j % cols);
       };
       lay_out(scale_t, tables.scale);
       lay_out(shift_t, tables.shift);
