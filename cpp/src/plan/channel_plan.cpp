@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <string>
 
 #include "core/check.hpp"
@@ -379,40 +378,36 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes) {
     // Planes of a few lines: the columns statistics per (channel, position) over
     // the samples, then merged per channel. The C * S columns go in bands of
-    // kColumnsStatsBandBytes of accumulators, each one block of all N samples:
-    // the kernel sweeps a band's rows in memory order, its sums in L1; bands are
-    // shared out over the team (fixed by the shape, so the values do not depend
-    // on the thread count), then the channels' merges.
-    const std::int64_t cols = g.c * g.s;
-    const std::int64_t band = kColumnsStatsBandBytes / element_size(stats_dtype(x.dtype));
-    const std::int64_t bands = (cols + band - 1) / band;
-    kernels::ColumnsStats p;  // the whole: one block of N rows of C * S columns (for the merge)
-    p.dtype = x.dtype;
-    p.batches = 1;
-    p.rows = p.block_rows = g.n;
-    p.cols = cols;
-    p.row_pitch = cols;
-    // Every entry is written by its band: no zeroing before the team.
-    const std::unique_ptr<double[]> partial_mean(new double[cols]), partial_m2(new double[cols]);
-    p.partial_mean = partial_mean.get();
-    p.partial_m2 = partial_m2.get();
+    // whole channels, at most kColumnsStatsBandBytes of accumulators, each one
+    // block of all N samples: the kernel sweeps a band's rows in memory order,
+    // its sums in L1, and the same thread merges the band's channels from its
+    // partials while they are in L1 (partials of all C * S columns, merged after
+    // a barrier, were page-faulted in on every call: [1,512,7,7] 170 us). Bands
+    // are shared out over the team and fixed by the shape, so the values do not
+    // depend on the thread count.
+    const std::int64_t band_channels =
+        std::max<std::int64_t>(1, kColumnsStatsBandBytes / element_size(stats_dtype(x.dtype)) / g.s);
+    const std::int64_t bands = (g.c + band_channels - 1) / band_channels;
     runtime::run_team(runtime::threads_for(bytes), [&](int id, int team) {
+      std::vector<double> partial_mean(band_channels * g.s), partial_m2(band_channels * g.s);
+      kernels::ColumnsStats q;  // a band: one block of N rows of its channels' columns
+      q.dtype = x.dtype;
+      q.batches = 1;
+      q.rows = q.block_rows = g.n;
+      q.row_pitch = g.c * g.s;
+      q.partial_mean = partial_mean.data();
+      q.partial_m2 = partial_m2.data();
       const runtime::Share mine = runtime::share_of(bands, id, team);
       for (std::int64_t k = mine.begin; k < mine.end; ++k) {
-        kernels::ColumnsStats q = p;
-        q.cols = std::min(band, cols - k * band);
-        q.x = element_at(x.data, k * band, x.dtype);
-        q.partial_mean = p.partial_mean + k * band;
-        q.partial_m2 = p.partial_m2 + k * band;
-        q.threads = 1;
+        const std::int64_t c0 = k * band_channels, c1 = std::min(g.c, c0 + band_channels);
+        q.cols = (c1 - c0) * g.s;
+        q.x = element_at(x.data, c0 * g.s, x.dtype);
         kernels.columns_stats(q);
-      }
-      runtime::team_barrier();
-      const runtime::Share channels = runtime::share_of(g.c, id, team);
-      for (std::int64_t c = channels.begin; c < channels.end; ++c) {
-        const Summary m = merge_column_partials(p, 1, 0, c * g.s, (c + 1) * g.s);
-        out.mean[c] = m.mean;
-        out.var[c] = m.m2 / m.count;
+        for (std::int64_t c = c0; c < c1; ++c) {
+          const Summary m = merge_column_partials(q, 1, 0, (c - c0) * g.s, (c - c0 + 1) * g.s);
+          out.mean[c] = m.mean;
+          out.var[c] = m.m2 / m.count;
+        }
       }
     });
     return out;

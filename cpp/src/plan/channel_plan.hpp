@@ -89,9 +89,10 @@ bool small_planes_as_columns(const ChannelGeometry& g, DType dtype);
 // against part 5's four blocks of all C * S columns [256,512,7,7] 2.2 -> 1.6 ms
 // (bfloat16 1.9 -> 1.05), against the rows [64,2048,7,7] 3.8 -> 2.1.
 constexpr std::int64_t kMaxColumnsStatsPlaneBytes = 256;
-// The bands: 2 KiB of accumulators (512 float32 columns), within the kernel's
-// in-order sweep (16 tiles of 4 vectors) on every ISA; each band is a unit of
-// work, fixed by the shape.
+// The bands: whole channels, at most 2 KiB of accumulators (512 float32
+// columns), within the kernel's in-order sweep (16 tiles of 4 vectors) on every
+// ISA; each band is a unit of work, fixed by the shape, its channels merged by
+// the thread that swept it.
 constexpr std::int64_t kColumnsStatsBandBytes = 2048;
 
 void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, bool per_sample,
