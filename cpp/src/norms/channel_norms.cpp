@@ -144,8 +144,10 @@ namespace {
 
 using namespace norms;
 
-double param_or(const TensorRef& t, std::int64_t i, double fallback) {
-  return t.given ? plan::read_element(t, i) : fallback;
+// t's entries in double (one switch per table), or n entries of `fallback`
+// when t is not given.
+std::vector<double> read_all_or(const TensorRef& t, std::int64_t n, double fallback) {
+  return t.given ? plan::read_all(t) : std::vector<double>(n, fallback);
 }
 
 std::vector<double> rstd_of(const std::vector<double>& var, double eps) {
@@ -167,14 +169,13 @@ void update_running(const TensorRef& running, const std::vector<double>& values,
 void apply_running(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, const TensorRef& running_mean,
                    const TensorRef& running_var, const TensorRef& weight, const TensorRef& bias, double eps,
                    std::vector<double>& mean_out, std::vector<double>& rstd_out, const kernels::StoreStage& store) {
+  const std::vector<double> w = read_all_or(weight, g.c, 1.0), b = read_all_or(bias, g.c, 0.0);
+  mean_out = plan::read_all(running_mean);
+  rstd_out = rstd_of(plan::read_all(running_var), eps);
   std::vector<double> scale(g.c), shift(g.c);
-  mean_out.resize(g.c);
-  rstd_out.resize(g.c);
   for (std::int64_t c = 0; c < g.c; ++c) {
-    mean_out[c] = plan::read_element(running_mean, c);
-    rstd_out[c] = 1.0 / std::sqrt(plan::read_element(running_var, c) + eps);
-    scale[c] = param_or(weight, c, 1.0) * rstd_out[c];
-    shift[c] = param_or(bias, c, 0.0) - mean_out[c] * scale[c];
+    scale[c] = w[c] * rstd_out[c];
+    shift[c] = b[c] - mean_out[c] * scale[c];
   }
   plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, nullptr, 0, {}, nullptr, &store);
 }
@@ -204,11 +205,9 @@ void normalize_with_batch_stats(const TensorRef& x, const TensorRef& y, const Ch
                                 const kernels::StoreStage& store, std::vector<double>& rstd_c) {
   rstd_c = rstd_of(batch_var, eps);
   if (x.numel() > 0) {
-    std::vector<double> scale(g.c), shift(g.c);
-    for (std::int64_t c = 0; c < g.c; ++c) {
-      scale[c] = param_or(weight, c, 1.0) * rstd_c[c];
-      shift[c] = param_or(bias, c, 0.0);
-    }
+    const std::vector<double> w = read_all_or(weight, g.c, 1.0), shift = read_all_or(bias, g.c, 0.0);
+    std::vector<double> scale(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) scale[c] = w[c] * rstd_c[c];
     plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &batch_mean, 0, {}, nullptr, &store);
   }
   std::vector<double> unbiased(g.c);
