@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 
 #include "core/check.hpp"
@@ -18,23 +19,30 @@ namespace {
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
-// Elements of the stats dtype, converted from double tables.
+// Elements of the stats dtype (double for float64 x, else float), converted
+// from double tables. A sized table's entries are unset until written (each
+// user writes those its kernel reads): a table is allocated per call, and
+// zeroing one of C * S entries was a pass of its own.
 struct AccTable {
-  std::vector<float> f;
-  std::vector<double> d;
-  const void* data() const { return d.empty() ? static_cast<const void*>(f.data()) : d.data(); }
+  bool wide = false;
+  std::unique_ptr<float[]> f;
+  std::unique_ptr<double[]> d;
+  const void* data() const { return at(0); }
+  const void* at(std::size_t i) const {
+    return wide ? static_cast<const void*>(d.get() + i) : static_cast<const void*>(f.get() + i);
+  }
   void set(std::size_t i, double v) {
-    if (d.empty()) f[i] = static_cast<float>(v);
-    else d[i] = v;
+    if (wide) d[i] = v;
+    else f[i] = static_cast<float>(v);
   }
   void copy(std::size_t to, std::size_t from) {
-    if (d.empty()) f[to] = f[from];
-    else d[to] = d[from];
+    if (wide) d[to] = d[from];
+    else f[to] = f[from];
   }
   // Entries [at, at + count * repeat): each of v[0..count) `repeat` times.
   void fill_repeated(std::size_t at, const double* v, std::int64_t count, std::int64_t repeat) {
-    if (d.empty()) fill_repeated_as(f.data() + at, v, count, repeat);
-    else fill_repeated_as(d.data() + at, v, count, repeat);
+    if (wide) fill_repeated_as(d.get() + at, v, count, repeat);
+    else fill_repeated_as(f.get() + at, v, count, repeat);
   }
 
  private:
@@ -45,8 +53,9 @@ struct AccTable {
 };
 AccTable sized_acc_table(std::size_t n, DType x_dtype) {
   AccTable t;
-  if (x_dtype == DType::float64) t.d.resize(n);
-  else t.f.resize(n);
+  t.wide = x_dtype == DType::float64;
+  if (t.wide) t.d.reset(new double[n]);
+  else t.f.reset(new float[n]);
   return t;
 }
 
@@ -76,9 +85,8 @@ Summary merge_column_partials(const kernels::ColumnsStats& p, std::int64_t block
   });
 }
 AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
-  AccTable t;
-  if (x_dtype == DType::float64) t.d = v;
-  else t.f.assign(v.begin(), v.end());
+  AccTable t = sized_acc_table(v.size(), x_dtype);
+  for (std::size_t i = 0; i < v.size(); ++i) t.set(i, v[i]);
   return t;
 }
 
@@ -503,36 +511,37 @@ void apply_small_planes_in_chunks(const TensorRef& x, const TensorRef& y, const 
   const auto& kernels = runtime::active_kernels();
   const std::int64_t per_chunk = base.cols / g.s, stride = base.table_stride;
   const std::int64_t chunks = (g.c + per_chunk - 1) / per_chunk;
+  // Each thread's four tables (scale, shift, center, dy_scale), allocated here:
+  // freed by the team's threads, they went back to the system each call, to be
+  // page-faulted in again ([8,512,7,7] backward 0.3 ms in a C++ loop).
+  AccTable all = sized_acc_table(threads * 4 * stride, x.dtype);
   runtime::run_team(threads, [&](int id, int team) {
     const runtime::Share samples = runtime::share_of(g.n, id, team);
     if (samples.end <= samples.begin) return;
-    AccTable scale_t = sized_acc_table(stride, x.dtype), shift_t = sized_acc_table(stride, x.dtype);
-    AccTable center_t = sized_acc_table(tables.center ? stride : 0, x.dtype);
-    AccTable dy_scale_t = sized_acc_table(tables.dy_scale ? stride : 0, x.dtype);
+    const std::size_t mine = id * 4 * stride;
     for (std::int64_t k = 0; k < chunks; ++k) {
       const std::int64_t c0 = k * per_chunk, c1 = std::min(g.c, c0 + per_chunk), cols = (c1 - c0) * g.s;
       // Channel c's entry repeated over its plane, then padded by repeating the
       // first entries (as far as the kernel reads: a last, smaller chunk's
       // table ends before the stride).
-      auto lay_out = [&](AccTable& t, const std::vector<double>* v) {
-        if (!v) return;
-        t.fill_repeated(0, v->data() + c0, c1 - c0, g.s);
-        for (std::int64_t j = cols; j < cols + kernels::kColumnsTablePad; ++j) t.copy(j, j % cols);
+      // Table q of this thread's four: nullptr where v is not given.
+      auto lay_out = [&](int q, const std::vector<double>* v) -> const void* {
+        if (!v) return nullptr;
+        const std::size_t t0 = mine + q * stride;
+        all.fill_repeated(t0, v->data() + c0, c1 - c0, g.s);
+        for (std::int64_t j = cols; j < cols + kernels::kColumnsTablePad; ++j) all.copy(t0 + j, t0 + j % cols);
+        return all.at(t0);
       };
-      lay_out(scale_t, tables.scale);
-      lay_out(shift_t, tables.shift);
-      lay_out(center_t, tables.center);
-      lay_out(dy_scale_t, tables.dy_scale);
       kernels::ColumnsApply p = base;
       p.batches = 1;
       p.rows = 1;
       p.block_rows = 1;
       p.cols = cols;
       p.table_stride = stride;
-      p.scale = scale_t.data();
-      p.shift = shift_t.data();
-      if (tables.center) p.apply.center = center_t.data();
-      if (tables.dy_scale) p.apply.dy_scale = dy_scale_t.data();
+      p.scale = lay_out(0, tables.scale);
+      p.shift = lay_out(1, tables.shift);
+      if (tables.center) p.apply.center = lay_out(2, tables.center);
+      if (tables.dy_scale) p.apply.dy_scale = lay_out(3, tables.dy_scale);
       p.threads = 1;
       for (std::int64_t i = samples.begin; i < samples.end; ++i) {
         const std::int64_t n = base.last_first ? samples.end - 1 - (i - samples.begin) : i;
@@ -661,7 +670,8 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
 
     // y = (x - hi) * scale + shift, tables per (sample, channel) laid out for the
     // columns kernel (the pad wraps around) and filled by the merge step below.
-    AccTable scale_t = sized_acc_table(count * stride, x.dtype), shift_t = scale_t, center_t = scale_t;
+    AccTable scale_t = sized_acc_table(count * stride, x.dtype), shift_t = sized_acc_table(count * stride, x.dtype),
+             center_t = sized_acc_table(count * stride, x.dtype);
     kernels::ColumnsApply apply = columns_apply_problem(xs, ys, count, g.s, g.c, scale_t.data(), shift_t.data());
     apply.apply.center = center_t.data();
     apply.store = store;
