@@ -412,7 +412,8 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
         q.x = element_at(x.data, c0 * g.s, x.dtype);
         kernels.columns_stats(q);
         for (std::int64_t c = c0; c < c1; ++c) {
-          const Summary m = merge_column_partials(q, 1, 0, (c - c0) * g.s, (c - c0 + 1) * g.s);
+          const std::int64_t first = (c - c0) * g.s;
+          const Summary m = merge_equal_counts(g.s, double(g.n), q.partial_mean + first, q.partial_m2 + first);
           out.mean[c] = m.mean;
           out.var[c] = m.m2 / m.count;
         }

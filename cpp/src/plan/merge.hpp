@@ -45,6 +45,40 @@ Summary merge_summaries(Each&& each) {
   return out;
 }
 
+// merge_summaries of `parts` summaries of n > 0 values each, given as their
+// means and M2s: the same identity, the sums in four independent running
+// lanes (fixed, so the result does not depend on anything but the parts) that
+// the compiler interleaves, where one chain of dependent adds per channel was
+// a fifth of a small BatchNorm training call ([8,2048,7,7]: 49 parts per channel).
+inline Summary merge_equal_counts(std::int64_t parts, double n, const double* mean, const double* m2) {
+  constexpr int kLanes = 4;
+  const double reference = mean[0];
+  double lane[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= parts; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += mean[i + l] - reference;
+  double sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  for (; i < parts; ++i) sum += mean[i] - reference;
+  Summary out;
+  out.count = n * double(parts);
+  out.mean = reference + sum / double(parts);
+  double q[kLanes] = {}, dd[kLanes] = {};
+  for (i = 0; i + kLanes <= parts; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = mean[i + l] - out.mean;
+      q[l] += m2[i + l];
+      dd[l] += d * d;
+    }
+  double sum_q = (q[0] + q[1]) + (q[2] + q[3]), sum_dd = (dd[0] + dd[1]) + (dd[2] + dd[3]);
+  for (; i < parts; ++i) {
+    const double d = mean[i] - out.mean;
+    sum_q += m2[i];
+    sum_dd += d * d;
+  }
+  out.m2 = sum_q + n * sum_dd;
+  return out;
+}
+
 // merge_summaries for `sets` sets side by side, from parts given as mean and
 // variance: part i of set j is (n, mean[i * sets + j], var[i * sets + j] * n),
 // every part counting n > 0. The same operations per set, in the same order,
