@@ -79,6 +79,8 @@ BN2D_7x7 = (256, 512, 7, 7)
 BN2D_2048x7x7 = (64, 2048, 7, 7)
 # ResNet-50's third stage: 1024 channels of 14x14 planes (784 bytes; C * S past 256 KiB: the rows kernel), 25 MiB.
 BN2D_1024x14x14 = (32, 1024, 14, 14)
+# The last stage at batch 8: 3 MiB, in cache; per-call costs weigh.
+BN2D_B8_2048x7x7 = (8, 2048, 7, 7)
 GN = (8, 320, 64, 64)
 GROUPS = 32
 EPS = 1e-5  # LayerNorm, BatchNorm, GroupNorm
@@ -108,6 +110,7 @@ CASES = {
     "bn_train_nchw_7x7": ("batch_norm", BN2D_7x7, "NCHW", "float32"),
     "bn_train_nchw_2048x7x7": ("batch_norm", BN2D_2048x7x7, "NCHW", "float32"),
     "bn_train_nchw_1024x14x14": ("batch_norm", BN2D_1024x14x14, "NCHW", "float32"),
+    "bn_train_nchw_b8_2048x7x7": ("batch_norm", BN2D_B8_2048x7x7, "NCHW", "float32"),
 }
 
 # Targets from the issue (2 threads): normkit's backward at least 2x PyTorch autograd's backward.
