@@ -663,6 +663,28 @@ def test_batch_norm_backward_small_planes_in_channel_chunks(kernel_path, norm, d
     assert_against(got, ref_grads(case), case, what=f"{norm} C={c}")
 
 
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+def test_batch_norm_backward_small_planes_many_samples(kernel_path, dtype, rng, restore_threads):
+    """BatchNorm's training backward sums over planes under 256 bytes per (channel,
+    position) over the samples, in bands of whole channels swept 16 rows at a time
+    and flushed into double every 256 rows: 533 samples (two flushes and a part),
+    23 channels (bands of 10, 10 and 3 for 49-element planes), against float64,
+    and the same bits on 1, 2 and 3 threads."""
+    dt = np_dtype(dtype)
+    s = 49 if dt.itemsize <= 4 else 25  # under 256 bytes in every dtype
+    case = channel_case(rng, "bn_train", "NCL", 533, 23, (s,), dt, True)
+    case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
+    stats = nk_forward(case, return_stats=True)[1:]
+    normkit.set_num_threads(1)
+    first = nk_grads(case, stats)
+    assert_against(first, ref_grads(case), case, what=f"S={s}")
+    for threads in (2, 3):
+        normkit.set_num_threads(threads)
+        again = nk_grads(case, stats)
+        for k in first:
+            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("norm", ["ln", "rms", "bn_train", "bn_eval", "in", "in_eval", "gn", "adain_pair"])
 def test_16bit_x_float32_params(kernel_path, norm, dtype, rng):

@@ -215,6 +215,7 @@ struct RowsBackward {
 struct ColumnsGradSums {
   DType dtype = DType::float32;
   std::int64_t batches = 0, rows = 0, cols = 0, block_rows = 1;
+  std::int64_t row_pitch = 0;  // as ColumnsStats: a band of `cols` columns out of longer rows
   const void* x = nullptr;
   const void* dy = nullptr;
   const void* center = nullptr;

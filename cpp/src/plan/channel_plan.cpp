@@ -373,6 +373,18 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   dispatch_rows(p, param_period * p.segments);
 }
 
+namespace {
+// BatchNorm's statistics and gradient sums over channels-first planes under
+// kMaxColumnsStatsPlaneBytes go per (channel, position) over the samples, in
+// bands of whole channels (see channel_plan.hpp): the channels of a band.
+bool small_planes_in_bands(const ChannelGeometry& g, DType dtype, bool per_sample) {
+  return !g.channels_last && !per_sample && g.s * element_size(dtype) < kMaxColumnsStatsPlaneBytes;
+}
+std::int64_t small_plane_band_channels(const ChannelGeometry& g, DType dtype) {
+  return std::max<std::int64_t>(1, kColumnsStatsBandBytes / element_size(stats_dtype(dtype)) / g.s);
+}
+}  // namespace
+
 GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::int64_t groups, bool per_sample) {
   GroupMoments out;
   const std::int64_t tables = per_sample ? g.n * groups : g.c;
@@ -383,7 +395,7 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
 
-  if (!g.channels_last && !per_sample && g.s * element_size(x.dtype) < kMaxColumnsStatsPlaneBytes) {
+  if (small_planes_in_bands(g, x.dtype, per_sample)) {
     // Planes of a few lines: the columns statistics per (channel, position) over
     // the samples, then merged per channel. The C * S columns go in bands of
     // whole channels, at most kColumnsStatsBandBytes of accumulators, each one
@@ -393,8 +405,7 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
     // a barrier, were page-faulted in on every call: [1,512,7,7] 170 us). Bands
     // are shared out over the team and fixed by the shape, so the values do not
     // depend on the thread count.
-    const std::int64_t band_channels =
-        std::max<std::int64_t>(1, kColumnsStatsBandBytes / element_size(stats_dtype(x.dtype)) / g.s);
+    const std::int64_t band_channels = small_plane_band_channels(g, x.dtype);
     const std::int64_t bands = (g.c + band_channels - 1) / band_channels;
     runtime::run_team(runtime::threads_for(bytes), [&](int id, int team) {
       std::vector<double> partial_mean(band_channels * g.s), partial_m2(band_channels * g.s);
@@ -736,6 +747,47 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
   const int threads = runtime::threads_for(2 * x.numel() * element_size(x.dtype));
   // The kernels sum relative to the center rounded to the stats dtype; the
   // sums are moved to the exact center at the end.
+  if (small_planes_in_bands(g, x.dtype, per_sample)) {
+    // As channel_moments: the columns sums per (channel, position) over the
+    // samples in bands of whole channels, each band's channels summed by its
+    // thread; a row per plane of a few lines took a horizontal sum of three
+    // accumulators per plane ([8,512,7,7]: 4096 planes of 49 values).
+    const std::int64_t per_band = small_plane_band_channels(g, x.dtype), band_cols = per_band * g.s;
+    const std::int64_t bands = (g.c + per_band - 1) / per_band;
+    AccTable centers = sized_acc_table(threads * band_cols, x.dtype);  // each thread's band of centres
+    std::vector<double> partials(threads * 3 * band_cols);
+    runtime::run_team(threads, [&](int id, int team) {
+      double* part_dy = partials.data() + id * 3 * band_cols;
+      double* part_dy_xc = part_dy + band_cols;
+      double* part_xc = part_dy_xc + band_cols;
+      kernels::ColumnsGradSums q;
+      q.dtype = x.dtype;
+      q.batches = 1;
+      q.rows = q.block_rows = g.n;
+      q.row_pitch = g.c * g.s;
+      q.center = centers.at(id * band_cols);
+      q.table_stride = band_cols;
+      q.partial_dy = part_dy;
+      q.partial_dy_xc = part_dy_xc;
+      q.partial_xc = part_xc;
+      const runtime::Share mine = runtime::share_of(bands, id, team);
+      for (std::int64_t k = mine.begin; k < mine.end; ++k) {
+        const std::int64_t c0 = k * per_band, c1 = std::min(g.c, c0 + per_band);
+        q.cols = (c1 - c0) * g.s;
+        q.x = element_at(x.data, c0 * g.s, x.dtype);
+        q.dy = element_at(dy.data, c0 * g.s, x.dtype);
+        centers.fill_repeated(id * band_cols, center.data() + c0, c1 - c0, g.s);  // rounded by the table
+        kernels.columns_grad_sums(q);
+        for (std::int64_t c = c0; c < c1; ++c) {
+          const std::int64_t first = (c - c0) * g.s;
+          add_recentred(out.dy[c], out.dy_xc[c], out.xc[c], center[c] - round_to_stats(center[c], x.dtype),
+                        double(out.count), sum_in_lanes(part_dy + first, g.s), sum_in_lanes(part_dy_xc + first, g.s),
+                        sum_in_lanes(part_xc + first, g.s));
+        }
+      }
+    });
+    return out;
+  }
   if (!g.channels_last) {
     // Rows of one (sample, channel) plane each, sums only.
     const std::int64_t rows = g.n * g.c;

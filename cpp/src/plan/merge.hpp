@@ -45,6 +45,18 @@ Summary merge_summaries(Each&& each) {
   return out;
 }
 
+// v[0] + ... + v[n - 1] in four running lanes, combined in a fixed order
+// (independent chains the compiler interleaves; see merge_equal_counts).
+inline double sum_in_lanes(const double* v, std::int64_t n) {
+  double lane[4] = {};
+  std::int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) lane[l] += v[i + l];
+  double sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  for (; i < n; ++i) sum += v[i];
+  return sum;
+}
+
 // merge_summaries of `parts` summaries of n > 0 values each, given as their
 // means and M2s: the same identity, the sums in four independent running
 // lanes (fixed, so the result does not depend on anything but the parts) that
