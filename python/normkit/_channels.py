@@ -58,6 +58,28 @@ def _stats(return_stats, shape, x_dtype):
     return np.empty(shape, dtype=dt), np.empty(shape, dtype=dt)
 
 
+def _direct_running(kernel, x, running_mean, running_var, weight, bias, flag, momentum, eps, layout, out):
+    """batch_norm / instance_norm's common NumPy call straight to the kernel, or None
+    for the general intake (which costs about 2.5 us, a tenth of a [8,512,7,7]
+    inference call), as group_norm's: anything the core refuses goes the general
+    way, for its messages. Running statistics must be NumPy arrays, writable
+    where ``flag`` (training, use_input_stats) updates them: the core takes them
+    read-only."""
+    if type(flag) is not bool or type(momentum) is not float or (layout is not None and type(layout) is not str):
+        return None
+    for stat in (running_mean, running_var):
+        if stat is not None and (type(stat) is not np.ndarray or (flag and not stat.flags.writeable)):
+            return None
+    y = direct_output(x, (weight, bias), eps, out)
+    if y is None:
+        return None
+    try:
+        kernel(x, y, running_mean, running_var, weight, bias, flag, momentum, eps, layout, None, None, False, *PLAIN)
+    except (TypeError, ValueError):
+        return None
+    return y
+
+
 @same_kind_out
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                *, layout=None, activation=None, quantize=None, scale=None, out=None, return_stats=False, stats=None,
@@ -74,6 +96,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     moments of the whole batch merged over shards, used instead of x's own
     statistics, also for the running statistics (unbiased with stats' count).
     """
+    if type(x) is np.ndarray and stats is None and activation is None and quantize is None and scale is None \
+            and not return_stats:
+        y = _direct_running(_ext.batch_norm, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                            layout, out)
+        if y is not None:
+            return y
     if stats is not None:
         return _batch_norm_with_stats(x, running_mean, running_var, weight, bias, training, momentum, eps, layout,
                                       activation, quantize, scale, out, return_stats, stats)
@@ -122,6 +150,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     ``activation`` applies after the affine.
     ``return_stats=True`` returns ``(y, mean, rstd)`` of shape (N, C).
     """
+    if type(x) is np.ndarray and activation is None and not return_stats:
+        y = _direct_running(_ext.instance_norm, x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                            eps, layout, out)
+        if y is not None:
+            return y
     if type(x) is not np.ndarray and _cuda.is_cuda(x):
         no_cuda_epilogue(x, activation, None, None)
         return _cuda.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, layout,
