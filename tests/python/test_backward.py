@@ -337,6 +337,19 @@ def nk_grads(case, stats=None):
 # --------------------------------------------------------------------------- reference
 
 
+def grads_on_threads(case, stats, threads=(1, 2, 3)):
+    """nk_grads(case, stats) on each of `threads` in turn, asserting the same bits
+    every time; returns the first."""
+    normkit.set_num_threads(threads[0])
+    first = nk_grads(case, stats)
+    for t in threads[1:]:
+        normkit.set_num_threads(t)
+        again = nk_grads(case, stats)
+        for k in first:
+            assert same_bits(first[k], again[k]), f"{k} differs with {t} threads"
+    return first
+
+
 def ref_forward(case):
     """The float64 forward references (reference.py / channel_reference.py)."""
     norm, x, w, b, eps, lay = case["norm"], case["x"], case.get("w"), case.get("b"), case["eps"], case.get("layout")
@@ -675,14 +688,8 @@ def test_batch_norm_backward_small_planes_many_samples(kernel_path, dtype, rng, 
     case = channel_case(rng, "bn_train", "NCL", 533, 23, (s,), dt, True)
     case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
     stats = nk_forward(case, return_stats=True)[1:]
-    normkit.set_num_threads(1)
-    first = nk_grads(case, stats)
+    first = grads_on_threads(case, stats)
     assert_against(first, ref_grads(case), case, what=f"S={s}")
-    for threads in (2, 3):
-        normkit.set_num_threads(threads)
-        again = nk_grads(case, stats)
-        for k in first:
-            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -962,12 +969,7 @@ def test_deterministic(norm, layout, shape, restore_threads):
     assert case["x"].nbytes > 1 << 20
     normkit.set_num_threads(1)
     stats = () if norm.startswith("adain") else nk_forward(case, return_stats=True)[1:]
-    first = nk_grads(case, stats or None)
-    for threads in (1, 2, 2, 3):
-        normkit.set_num_threads(threads)
-        again = nk_grads(case, stats or None)
-        for k in first:
-            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
+    grads_on_threads(case, stats or None, (1, 1, 2, 2, 3))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
@@ -984,13 +986,7 @@ def test_batch_norm_backward_channel_order_matches_two_passes(dtype, restore_thr
     case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
     assert case["x"].nbytes > 17 << 20
     normkit.set_num_threads(1)
-    stats = nk_forward(case, return_stats=True)[1:]
-    first = nk_grads(case, stats)
-    for threads in (2, 3):
-        normkit.set_num_threads(threads)
-        again = nk_grads(case, stats)
-        for k in first:
-            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
+    grads_on_threads(case, nk_forward(case, return_stats=True)[1:])
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -1010,14 +1006,8 @@ def test_batch_norm_backward_channel_blocks(kernel_path, dtype, restore_threads)
     case = channel_case(rng, "bn_train", "NCHW", n, c, (side, side), dt)
     case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
     normkit.set_num_threads(1)
-    stats = nk_forward(case, return_stats=True)[1:]
-    first = nk_grads(case, stats)
+    first = grads_on_threads(case, nk_forward(case, return_stats=True)[1:])
     assert_against(first, ref_grads(case), case, what=f"C={c} {side}x{side}")
-    for threads in (2, 3):
-        normkit.set_num_threads(threads)
-        again = nk_grads(case, stats)
-        for k in first:
-            assert same_bits(first[k], again[k]), f"{k} differs with {threads} threads"
 
 
 def test_backward_exported():
