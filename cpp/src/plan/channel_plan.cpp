@@ -533,10 +533,9 @@ void apply_small_planes_in_chunks(const TensorRef& x, const TensorRef& y, const 
     const std::size_t mine = id * 4 * stride;
     for (std::int64_t k = 0; k < chunks; ++k) {
       const std::int64_t c0 = k * per_chunk, c1 = std::min(g.c, c0 + per_chunk), cols = (c1 - c0) * g.s;
-      // Channel c's entry repeated over its plane, then padded by repeating the
-      // first entries (as far as the kernel reads: a last, smaller chunk's
-      // table ends before the stride).
-      // Table q of this thread's four: nullptr where v is not given.
+      // Table q of this thread's four (nullptr where v is not given): channel
+      // c's entry repeated over its plane, then the first entries repeated as
+      // far as the kernel reads (a last, smaller chunk's table ends before the stride).
       auto lay_out = [&](int q, const std::vector<double>* v) -> const void* {
         if (!v) return nullptr;
         const std::size_t t0 = mine + q * stride;
