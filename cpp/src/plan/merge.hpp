@@ -45,49 +45,37 @@ Summary merge_summaries(Each&& each) {
   return out;
 }
 
-// v[0] + ... + v[n - 1] in four running lanes, combined in a fixed order
-// (independent chains the compiler interleaves; see merge_equal_counts).
-inline double sum_in_lanes(const double* v, std::int64_t n) {
+// term(0) + ... + term(n - 1) in four running lanes (term i into lane i % 4),
+// combined in a fixed order: independent chains the compiler interleaves,
+// where one chain of dependent adds per channel was a fifth of a small
+// BatchNorm training call ([8,2048,7,7]: 49 parts per channel).
+template <class Term>
+double sum_in_lanes(std::int64_t n, Term&& term) {
   double lane[4] = {};
   std::int64_t i = 0;
   for (; i + 4 <= n; i += 4)
-    for (int l = 0; l < 4; ++l) lane[l] += v[i + l];
+    for (int l = 0; l < 4; ++l) lane[l] += term(i + l);
   double sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-  for (; i < n; ++i) sum += v[i];
+  for (; i < n; ++i) sum += term(i);
   return sum;
+}
+inline double sum_in_lanes(const double* v, std::int64_t n) {
+  return sum_in_lanes(n, [v](std::int64_t i) { return v[i]; });
 }
 
 // merge_summaries of `parts` summaries of n > 0 values each, given as their
-// means and M2s: the same identity, the sums in four independent running
-// lanes (fixed, so the result does not depend on anything but the parts) that
-// the compiler interleaves, where one chain of dependent adds per channel was
-// a fifth of a small BatchNorm training call ([8,2048,7,7]: 49 parts per channel).
+// means and M2s: the same identity, its sums in lanes (sum_in_lanes), so the
+// result depends on nothing but the parts.
 inline Summary merge_equal_counts(std::int64_t parts, double n, const double* mean, const double* m2) {
-  constexpr int kLanes = 4;
   const double reference = mean[0];
-  double lane[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= parts; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += mean[i + l] - reference;
-  double sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-  for (; i < parts; ++i) sum += mean[i] - reference;
   Summary out;
   out.count = n * double(parts);
-  out.mean = reference + sum / double(parts);
-  double q[kLanes] = {}, dd[kLanes] = {};
-  for (i = 0; i + kLanes <= parts; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const double d = mean[i + l] - out.mean;
-      q[l] += m2[i + l];
-      dd[l] += d * d;
-    }
-  double sum_q = (q[0] + q[1]) + (q[2] + q[3]), sum_dd = (dd[0] + dd[1]) + (dd[2] + dd[3]);
-  for (; i < parts; ++i) {
+  out.mean = reference + sum_in_lanes(parts, [&](std::int64_t i) { return mean[i] - reference; }) / double(parts);
+  const double sum_dd = sum_in_lanes(parts, [&](std::int64_t i) {
     const double d = mean[i] - out.mean;
-    sum_q += m2[i];
-    sum_dd += d * d;
-  }
-  out.m2 = sum_q + n * sum_dd;
+    return d * d;
+  });
+  out.m2 = sum_in_lanes(m2, parts) + n * sum_dd;
   return out;
 }
 
