@@ -327,6 +327,12 @@ TEST(Fold, Errors) {
                "folded_weight: shares memory with bias");
   expect_error(fold(W, {}, V, V, 1e-5, {}, {}, FW, nk::TensorView<double>(fw.data() + 70, {8})),
                "folded_weight: shares memory with folded_bias");
+  // An empty view touches no byte: an empty folded_weight whose pointer lies
+  // inside running_mean (or inside weight) is no overlap (found by the fuzzer).
+  const nk::Dims empty{8, 0, 3, 2};
+  const nk::TensorView<double> W0(w.data(), empty);
+  EXPECT_NO_THROW(fold(W0, {}, V, V, 1e-5, {}, {}, nk::TensorView<double>(v8.data() + 3, empty), FB)());
+  EXPECT_NO_THROW(fold(W0, {}, V, V, 1e-5, {}, {}, nk::TensorView<double>(w.data() + 5, empty), FB)());
 }
 
 TEST(Fold, BatchNormLayer) {

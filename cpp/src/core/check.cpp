@@ -73,7 +73,8 @@ void check_disjoint(std::initializer_list<NamedRef> outputs, std::initializer_li
     std::uintptr_t a0, a1, b0, b1;
     byte_span(a, a0, a1);
     byte_span(b, b0, b1);
-    return a0 < b1 && b0 < a1;
+    // An empty view touches no byte, wherever its pointer lies.
+    return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
   };
   for (auto out = outputs.begin(); out != outputs.end(); ++out) {
     auto fail_with = [&](const char* other) {
@@ -92,7 +93,7 @@ void check_no_partial_overlap(const TensorRef& x, const TensorRef& y, const char
   std::uintptr_t x0, x1, y0, y1;
   byte_span(x, x0, x1);
   byte_span(y, y0, y1);
-  if (x0 < y1 && y0 < x1)
+  if (x0 < x1 && y0 < y1 && x0 < y1 && y0 < x1)
     fail_value(std::string(y_name) + ": overlaps " + x_name + " without being " + x_name + " itself (in place needs " +
                y_name + " to be exactly " + x_name + ")");
 }
