@@ -108,6 +108,22 @@ if [ -z "$(ls -A "$CORPUS")" ]; then
   done
 fi
 
+# --- past findings: each input in tests/fuzz/regressions (one per bug fixed) must replay
+# clean before the fuzzing starts, whatever this machine's fuzzing explores -------------
+REGRESSIONS=tests/fuzz/regressions
+if [ -n "$(ls -A "$REGRESSIONS" 2>/dev/null)" ]; then
+  step "replaying the past findings in $REGRESSIONS ($(ls "$REGRESSIONS" | wc -l) inputs)"
+  if ! ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1} \
+       UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+       "$FUZZER" "$REGRESSIONS"/* >"$FUZZ_BUILD/regressions.log" 2>&1; then
+    echo "A PAST FINDING FAILS AGAIN:"
+    grep -E -A 30 'normkit fuzz failure|ERROR: AddressSanitizer|runtime error|ERROR: libFuzzer|Running:' \
+      "$FUZZ_BUILD/regressions.log" | tail -n 60
+    echo "replay: NORMKIT_FUZZ_VERBOSE=1 $FUZZER $REGRESSIONS/NAME"
+    exit 1
+  fi
+fi
+
 # --- fuzz ------------------------------------------------------------------------
 step "fuzzing for ${FUZZ_SECONDS}s, seed ${FUZZ_SEED} (corpus $CORPUS: $(ls "$CORPUS" | wc -l) inputs)"
 LOG="$FUZZ_BUILD/fuzz.log"
