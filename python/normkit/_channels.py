@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from . import _cuda, _ext
-from ._dtypes import as_input, as_params, direct_output, kernel_view, stats_dtype
+from ._dtypes import as_input, as_params, call_direct, kernel_view, stats_dtype
 from ._args import Layout, as_eps, as_momentum, batch_and_channels, layout_name
 from ._epilogue import PLAIN, no_cuda_epilogue, parse
 from ._inputs import channel_input, channel_output, finish_output
@@ -60,24 +60,15 @@ def _stats(return_stats, shape, x_dtype):
 
 def _direct_running(kernel, x, running_mean, running_var, weight, bias, flag, momentum, eps, layout, out):
     """batch_norm / instance_norm's common NumPy call straight to the kernel, or None
-    for the general intake (which costs about 2.5 us, a tenth of a [8,512,7,7]
-    inference call), as group_norm's: anything the core refuses goes the general
-    way, for its messages. Running statistics must be NumPy arrays, writable
-    where ``flag`` (training, use_input_stats) updates them: the core takes them
-    read-only."""
+    (see call_direct). Running statistics must be NumPy arrays, writable where
+    ``flag`` (training, use_input_stats) updates them: the core takes them read-only."""
     if type(flag) is not bool or type(momentum) is not float or (layout is not None and type(layout) is not str):
         return None
     for stat in (running_mean, running_var):
         if stat is not None and (type(stat) is not np.ndarray or (flag and not stat.flags.writeable)):
             return None
-    y = direct_output(x, (weight, bias), eps, out)
-    if y is None:
-        return None
-    try:
-        kernel(x, y, running_mean, running_var, weight, bias, flag, momentum, eps, layout, None, None, False, *PLAIN)
-    except (TypeError, ValueError):
-        return None
-    return y
+    return call_direct(kernel, x, (weight, bias), eps, out, running_mean, running_var, weight, bias, flag, momentum,
+                       eps, layout, None, None, False, *PLAIN)
 
 
 @same_kind_out
@@ -181,15 +172,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout=None, 
     if type(x) is np.ndarray:
         if (activation is None and quantize is None and scale is None and not return_stats
                 and type(num_groups) is int and type(eps) is float and (layout is None or type(layout) is str)):
-            # The common call straight to the kernel (the intake below costs 3-4 us, a fifth of a
-            # [1,1280,8,8] call); anything the core refuses goes the general way, for its messages.
-            y = direct_output(x, (weight, bias), eps, out)
+            y = call_direct(_ext.group_norm, x, (weight, bias), eps, out, num_groups, weight, bias, eps, layout,
+                            None, None, False, *PLAIN)
             if y is not None:
-                try:
-                    _ext.group_norm(x, y, num_groups, weight, bias, eps, layout, None, None, False, *PLAIN)
-                    return y
-                except (TypeError, ValueError):
-                    pass
+                return y
     elif _cuda.is_cuda(x):
         no_cuda_epilogue(x, activation, quantize, scale)
         return _cuda.group_norm(x, num_groups, weight, bias, eps, layout, out, return_stats, stream)
