@@ -189,7 +189,8 @@ kernels::ColumnsApply columns_apply_problem(const TensorRef& x, const TensorRef&
 // x in fixed row blocks (columns_block_rows), their partials in `partials`
 // (sized here); the caller adds the threads or the unit range.
 struct ColumnPartials {
-  std::vector<double> mean, m2;
+  // Uninitialized: the kernel writes every (unit, column) entry the merge reads.
+  std::unique_ptr<double[]> mean, m2;
   std::int64_t blocks = 0;  // row blocks per batch
 };
 kernels::ColumnsStats columns_stats_problem(const TensorRef& x, std::int64_t batches, std::int64_t rows,
@@ -202,10 +203,11 @@ kernels::ColumnsStats columns_stats_problem(const TensorRef& x, std::int64_t bat
   p.block_rows = columns_block_rows(rows, cols, x.dtype, 1);
   p.x = x.data;
   partials.blocks = (rows + p.block_rows - 1) / p.block_rows;
-  partials.mean.assign(batches * partials.blocks * cols, 0.0);
-  partials.m2.assign(partials.mean.size(), 0.0);
-  p.partial_mean = partials.mean.data();
-  p.partial_m2 = partials.m2.data();
+  const std::int64_t entries = batches * partials.blocks * cols;
+  partials.mean.reset(new double[entries]);
+  partials.m2.reset(new double[entries]);
+  p.partial_mean = partials.mean.get();
+  p.partial_m2 = partials.m2.get();
   return p;
 }
 
@@ -405,17 +407,18 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
     // a barrier, were page-faulted in on every call: [1,512,7,7] 170 us). Bands
     // are shared out over the team and fixed by the shape, so the values do not
     // depend on the thread count.
-    const std::int64_t band_channels = small_plane_band_channels(g, x.dtype);
+    const std::int64_t band_channels = small_plane_band_channels(g, x.dtype), band_cols = band_channels * g.s;
     const std::int64_t bands = (g.c + band_channels - 1) / band_channels;
-    runtime::run_team(runtime::threads_for(bytes), [&](int id, int team) {
-      std::vector<double> partial_mean(band_channels * g.s), partial_m2(band_channels * g.s);
+    const int threads = runtime::threads_for(bytes);
+    std::vector<double> partials(threads * 2 * band_cols);  // each thread's band, allocated out of the team
+    runtime::run_team(threads, [&](int id, int team) {
       kernels::ColumnsStats q;  // a band: one block of N rows of its channels' columns
       q.dtype = x.dtype;
       q.batches = 1;
       q.rows = q.block_rows = g.n;
       q.row_pitch = g.c * g.s;
-      q.partial_mean = partial_mean.data();
-      q.partial_m2 = partial_m2.data();
+      q.partial_mean = partials.data() + id * 2 * band_cols;
+      q.partial_m2 = q.partial_mean + band_cols;
       const runtime::Share mine = runtime::share_of(bands, id, team);
       for (std::int64_t k = mine.begin; k < mine.end; ++k) {
         const std::int64_t c0 = k * band_channels, c1 = std::min(g.c, c0 + band_channels);
