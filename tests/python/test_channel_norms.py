@@ -445,6 +445,21 @@ def test_batch_norm_training_two_values_per_channel(kernel_path, layout, rng):
     assert_running_close(rv, ref[4], "running_var")
 
 
+@pytest.mark.parametrize("rank,s,c", [(3, 49, 17), (4, 7, 65), (4, 350, 3), (5, 33, 5)], ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_batch_norm_training_one_sample(kernel_path, dtype, rank, s, c, rng):
+    """BatchNorm training on one sample: channels first, each channel's statistics are
+    its plane's and the call takes InstanceNorm's fused rows. Planes of 49 values to
+    several KiB, against float64, the channels-last call (the columns kernel) and the
+    running statistics; then far off zero (a mean 1e4 times the spread)."""
+    dt = np_dtype(dtype)
+    x_cf = make_cf(rng, 1, c, rank, s, dt)
+    run_case("bn_train", x_cf, rank, make_case(rng, "bn_train", c, rank, s, dt, "both"), dt)
+    if dtype in ("float32", "float64"):
+        far = (x_cf.astype(np.float64) * 0.5 + 2e4).astype(dt)
+        run_case("bn_train", far, rank, make_case(rng, "bn_train", c, rank, s, dt, "both"), dt, what="mean 2e4")
+
+
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1), (1, 4, 1, 1, 1)], ids=str)
 def test_batch_norm_training_one_value_per_channel(shape):
     x = np.ones(shape, np.float32)

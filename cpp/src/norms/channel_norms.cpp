@@ -195,6 +195,17 @@ bool finish_if_empty(const TensorRef& x, const TensorRef& mean, const TensorRef&
 
 namespace {
 
+// BatchNorm's running statistics after a training step: the batch mean and the
+// unbiased batch variance (`count` values per channel), in double.
+void update_batch_running(const TensorRef& running_mean, const TensorRef& running_var,
+                          const std::vector<double>& batch_mean, const std::vector<double>& batch_var,
+                          std::int64_t count, double momentum) {
+  std::vector<double> unbiased(batch_var.size());
+  for (std::size_t c = 0; c < batch_var.size(); ++c) unbiased[c] = batch_var[c] * double(count) / double(count - 1);
+  update_running(running_mean, batch_mean, momentum);
+  update_running(running_var, unbiased, momentum);
+}
+
 // BatchNorm training with per-channel statistics (mean, biased var over
 // `count` values): y, then the running statistics (unbiased variance), in
 // double, after y is written (an in-place call must not see them change first).
@@ -210,10 +221,7 @@ void normalize_with_batch_stats(const TensorRef& x, const TensorRef& y, const Ch
     for (std::int64_t c = 0; c < g.c; ++c) scale[c] = w[c] * rstd_c[c];
     plan::channel_apply(x, y, g, /*per_sample=*/false, scale, shift, &batch_mean, 0, {}, nullptr, &store);
   }
-  std::vector<double> unbiased(g.c);
-  for (std::int64_t c = 0; c < g.c; ++c) unbiased[c] = batch_var[c] * double(count) / double(count - 1);
-  update_running(running_mean, batch_mean, momentum);
-  update_running(running_var, unbiased, momentum);
+  update_batch_running(running_mean, running_var, batch_mean, batch_var, count, momentum);
 }
 
 }  // namespace
@@ -234,10 +242,22 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
   } else {
     check_batch_statistics(x, g);
     if (finish_if_empty(x, mean, rstd)) return;
-    const plan::GroupMoments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
-    mean_c = m.mean;
-    normalize_with_batch_stats(x, y, g, m.mean, m.var, m.count, running_mean, running_var, weight, bias, momentum,
-                               eps, store, rstd_c);
+    if (g.n == 1 && !g.channels_last) {
+      // One sample: a channel's batch statistics are its plane's, and
+      // InstanceNorm's fused rows write y in one pass over x (each plane's
+      // statistics, then its output, while it is in cache) and one fork, not two.
+      plan::GroupMoments m;
+      plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
+                             param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
+      mean_c = m.mean;
+      rstd_c = rstd_of(m.var, eps);
+      update_batch_running(running_mean, running_var, m.mean, m.var, m.count, momentum);
+    } else {
+      const plan::GroupMoments m = plan::channel_moments(x, g, g.c, /*per_sample=*/false);
+      mean_c = m.mean;
+      normalize_with_batch_stats(x, y, g, m.mean, m.var, m.count, running_mean, running_var, weight, bias, momentum,
+                                 eps, store, rstd_c);
+    }
   }
   plan::write_stats_output(mean, "mean", mean_c, x.dtype);
   plan::write_stats_output(rstd, "rstd", rstd_c, x.dtype);
