@@ -692,6 +692,22 @@ def test_batch_norm_backward_small_planes_many_samples(kernel_path, dtype, rng, 
     assert_against(first, ref_grads(case), case, what=f"S={s}")
 
 
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+def test_batch_norm_backward_one_sample(kernel_path, dtype, rng, restore_threads):
+    """BatchNorm's training backward on one sample, channels first: a channel's batch
+    is its plane and the call takes InstanceNorm's backward rows. Planes of 49 values
+    to several KiB, a mean the saved statistics round, both layouts (channels last
+    takes the columns sums), against float64 and the same bits on 1, 2 and 3 threads."""
+    dt = np_dtype(dtype)
+    for c, spatial in ((17, (49,)), (5, (350,)), (65, (7, 3)), (3, (40, 50))):
+        lay_cf, lay_cl = ("NCL", "NLC") if len(spatial) == 1 else ("NCHW", "NHWC")
+        x_cf = rng.standard_normal((1, c) + spatial) * 2.0 + 300.0
+        for lay in (lay_cf, lay_cl):
+            case = channel_case(rng, "bn_train", lay, 1, c, spatial, dt, True, x_cf=x_cf)
+            got = grads_on_threads(case, nk_forward(case, return_stats=True)[1:])
+            assert_against(got, ref_grads(case), case, what=f"{lay} C={c} S={spatial}")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("norm", ["ln", "rms", "bn_train", "bn_eval", "in", "in_eval", "gn", "adain_pair"])
 def test_16bit_x_float32_params(kernel_path, norm, dtype, rng):

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/check.hpp"
@@ -336,6 +337,14 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
         dw[c] = rstd_c[c] * s.dy_xc[c];
         db[c] = s.dy[c];
       }
+  } else if (g.n == 1 && !g.channels_last) {
+    // One sample: a channel's batch is its plane, and InstanceNorm's backward
+    // rows take each plane's sums and then its dx while it is in cache.
+    std::vector<double> w_c(g.c);
+    for (std::int64_t c = 0; c < g.c; ++c) w_c[c] = weight_at(weight, c);
+    AffineGrads a = per_sample_backward(dy, x, dx, g, g.c, mean_c, rstd_c, w_c);
+    dw = std::move(a.sum_dy_xhat);
+    db = std::move(a.sum_dy);
   } else if (plan::use_batch_grad_by_channel(g, x.dtype)) {
     // Channels first: each channel's sums and dx while it is in cache.
     plan::batch_grad_by_channel(x, dy, dx, g, mean_c, [&](std::int64_t c, const plan::ChannelGradSums& s) {
