@@ -678,34 +678,37 @@ def test_batch_norm_backward_small_planes_in_channel_chunks(kernel_path, norm, d
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 def test_batch_norm_backward_small_planes_many_samples(kernel_path, dtype, rng, restore_threads):
-    """BatchNorm's training backward sums over planes under 256 bytes per (channel,
-    position) over the samples, in bands of whole channels swept 16 rows at a time
-    and flushed into double every 256 rows: 533 samples (two flushes and a part),
-    23 channels (bands of 10, 10 and 3 for 49-element planes), against float64,
-    and the same bits on 1, 2 and 3 threads."""
+    """BatchNorm's training backward over more than 4 MiB of x sums over planes under
+    256 bytes per (channel, position) over the samples, in bands of whole channels
+    swept 16 rows at a time and flushed into double every 256 rows: 2000 samples
+    (seven flushes and a part), 23 channels (bands of 10, 10 and 3 for 49-element
+    planes), against float64, and the same bits on 1, 2 and 3 threads."""
     dt = np_dtype(dtype)
     s = 49 if dt.itemsize <= 4 else 25  # under 256 bytes in every dtype
-    case = channel_case(rng, "bn_train", "NCL", 533, 23, (s,), dt, True)
+    case = channel_case(rng, "bn_train", "NCL", 2000, 23, (s,), dt, True)
     case["x"] = case["x"] + np.asarray(300, case["x"].dtype)  # a mean the saved statistics round
     stats = nk_forward(case, return_stats=True)[1:]
     first = grads_on_threads(case, stats)
     assert_against(first, ref_grads(case), case, what=f"S={s}")
 
 
+@pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-def test_batch_norm_backward_one_sample(kernel_path, dtype, rng, restore_threads):
-    """BatchNorm's training backward on one sample, channels first: a channel's batch
-    is its plane and the call takes InstanceNorm's backward rows. Planes of 49 values
-    to several KiB, a mean the saved statistics round, both layouts (channels last
-    takes the columns sums), against float64 and the same bits on 1, 2 and 3 threads."""
+def test_batch_norm_backward_planes_per_channel(kernel_path, dtype, n, rng, restore_threads):
+    """BatchNorm's training backward channels first with a row per channel (its planes
+    over the samples summed as one row, then its dx from cache): one sample (any
+    plane), and planes under 1 KiB. Planes of 21 to 196 values (and 350 for one
+    sample), a mean the saved statistics round, both layouts (channels last takes
+    the columns sums), against float64 and the same bits on 1, 2 and 3 threads."""
     dt = np_dtype(dtype)
-    for c, spatial in ((17, (49,)), (5, (350,)), (65, (7, 3)), (3, (40, 50))):
+    shapes = ((17, (49,)), (65, (7, 3)), (6, (14, 14)), (5, (350,)), (3, (40, 50)))
+    for c, spatial in shapes if n == 1 else shapes[:3]:
         lay_cf, lay_cl = ("NCL", "NLC") if len(spatial) == 1 else ("NCHW", "NHWC")
-        x_cf = rng.standard_normal((1, c) + spatial) * 2.0 + 300.0
+        x_cf = rng.standard_normal((n, c) + spatial) * 2.0 + 300.0
         for lay in (lay_cf, lay_cl):
-            case = channel_case(rng, "bn_train", lay, 1, c, spatial, dt, True, x_cf=x_cf)
+            case = channel_case(rng, "bn_train", lay, n, c, spatial, dt, True, x_cf=x_cf)
             got = grads_on_threads(case, nk_forward(case, return_stats=True)[1:])
-            assert_against(got, ref_grads(case), case, what=f"{lay} C={c} S={spatial}")
+            assert_against(got, ref_grads(case), case, what=f"{lay} N={n} C={c} S={spatial}")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -195,6 +195,12 @@ struct RowsBackward {
   std::int64_t dx_row_stride = 0;
   std::int64_t segments = 0;      // 0: affine per column
   std::int64_t param_period = 1;  // run j of row r uses weight (r % param_period) * segments + j
+  // Per segment only: row r is `planes` planes of `cols` elements, plane_pitch
+  // apart (in x, dy and dx alike), each cut into the same runs; the sums and
+  // statistics are the whole row's (BatchNorm channels first, a row per
+  // channel: its planes over the samples).
+  std::int64_t planes = 1;
+  std::int64_t plane_pitch = 0;
   const void* weight = nullptr;   // stats_dtype(dtype), per column or segment entry; null: ones
   const void* mean = nullptr;     // per row, stats_dtype(dtype) (layer)
   const void* rstd = nullptr;     // per row, stats_dtype(dtype)

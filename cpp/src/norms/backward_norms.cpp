@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "core/check.hpp"
@@ -337,14 +336,11 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
         dw[c] = rstd_c[c] * s.dy_xc[c];
         db[c] = s.dy[c];
       }
-  } else if (g.n == 1 && !g.channels_last) {
-    // One sample: a channel's batch is its plane, and InstanceNorm's backward
-    // rows take each plane's sums and then its dx while it is in cache.
+  } else if (plan::use_batch_planes_backward(g, x.dtype)) {
+    // A row per channel: its planes' sums, then its dx while they are in cache.
     std::vector<double> w_c(g.c);
     for (std::int64_t c = 0; c < g.c; ++c) w_c[c] = weight_at(weight, c);
-    AffineGrads a = per_sample_backward(dy, x, dx, g, g.c, mean_c, rstd_c, w_c);
-    dw = std::move(a.sum_dy_xhat);
-    db = std::move(a.sum_dy);
+    plan::batch_planes_backward(dy, x, dx, g, mean_c, rstd_c, w_c, db, dw);
   } else if (plan::use_batch_grad_by_channel(g, x.dtype)) {
     // Channels first: each channel's sums and dx while it is in cache.
     plan::batch_grad_by_channel(x, dy, dx, g, mean_c, [&](std::int64_t c, const plan::ChannelGradSums& s) {

@@ -86,36 +86,45 @@ RowsParamGrads rows_backward(kernels::RowsNorm norm, const kernels::RowsForward&
   return out;
 }
 
-void grouped_rows_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
-                           std::int64_t groups, const std::vector<double>& mean_ng,
-                           const std::vector<double>& rstd_ng, const std::vector<double>& w_nc,
-                           std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
-  // One row per (sample, group), one run per channel.
-  const std::int64_t per_group = g.c / groups;
-  const std::int64_t rows = g.n * groups, cols = per_group * g.s;
+namespace {
+// The rows backward over segmented rows (RowsBackward, segments > 0), row r of
+// `planes` planes of `cols` elements cut into `segments` runs, rows `cols`
+// apart: dx, and per (row, run) sum_dy and sum_dy_xhat about the row's exact
+// mean (the kernel sums about the mean rounded to the stats dtype; its row
+// sums of x - mean move them). Statistics per row; weight per (row, run).
+struct SegmentedRows {
+  std::int64_t rows, cols, segments, planes, plane_pitch;
+};
+void segmented_rows_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const SegmentedRows& shape,
+                             const std::vector<double>& mean, const std::vector<double>& rstd,
+                             const std::vector<double>& weight, std::vector<double>& sum_dy,
+                             std::vector<double>& sum_dy_xhat) {
+  const std::int64_t rows = shape.rows, segments = shape.segments;
   AccValues mean_t, rstd_t, w_t;
   auto acc = [&](const std::vector<double>& v, AccValues& t) {
     if (x.dtype == DType::float64) t.d = v;
     else t.f.assign(v.begin(), v.end());
     return t.data();
   };
-  std::vector<double> seg_dy(rows * per_group), seg_dy_xc(rows * per_group), row_xc(rows);
+  std::vector<double> seg_dy(rows * segments), seg_dy_xc(rows * segments), row_xc(rows);
   kernels::RowsBackward p;
   p.norm = kernels::RowsNorm::layer;
   p.dtype = x.dtype;
   p.rows = rows;
-  p.cols = cols;
+  p.cols = shape.cols;
   p.x = x.data;
-  p.x_row_stride = cols;
+  p.x_row_stride = shape.cols;
   p.dy = dy.data;
-  p.dy_row_stride = cols;
+  p.dy_row_stride = shape.cols;
   p.dx = dx.data;
-  p.dx_row_stride = cols;
-  p.segments = per_group;
-  p.param_period = rows;  // w_nc holds an entry per (sample, channel)
-  p.weight = acc(w_nc, w_t);
-  p.mean = acc(mean_ng, mean_t);
-  p.rstd = acc(rstd_ng, rstd_t);
+  p.dx_row_stride = shape.cols;
+  p.segments = segments;
+  p.planes = shape.planes;
+  p.plane_pitch = shape.plane_pitch;
+  p.param_period = rows;  // an entry per (row, run)
+  p.weight = acc(weight, w_t);
+  p.mean = acc(mean, mean_t);
+  p.rstd = acc(rstd, rstd_t);
   p.segment_sum_dy = seg_dy.data();
   p.segment_sum_dy_xc = seg_dy_xc.data();
   p.row_sum_xc = row_xc.data();
@@ -124,17 +133,43 @@ void grouped_rows_backward(const TensorRef& dy, const TensorRef& x, const Tensor
                        runtime::use_streaming_stores(bytes);
   p.threads = runtime::threads_for(3 * bytes);
   runtime::active_kernels().rows_backward(p);
-  // The kernel summed relative to the mean it read (rounded to the stats
-  // dtype); row_xc moves the sums to the row's exact mean.
+  const double count = double(shape.cols * shape.planes);
   for (std::int64_t r = 0; r < rows; ++r) {
-    const double delta = row_xc[r] / double(cols);
-    const double rs = x.dtype == DType::float64 ? rstd_ng[r] : double(float(rstd_ng[r]));
-    for (std::int64_t j = 0; j < per_group; ++j) {
-      const std::int64_t e = r * per_group + j;  // = n * C + c
+    const double delta = row_xc[r] / count;
+    const double rs = x.dtype == DType::float64 ? rstd[r] : double(float(rstd[r]));
+    for (std::int64_t j = 0; j < segments; ++j) {
+      const std::int64_t e = r * segments + j;
       sum_dy[e] = seg_dy[e];
       sum_dy_xhat[e] = rs * (seg_dy_xc[e] - delta * seg_dy[e]);
     }
   }
+}
+}  // namespace
+
+void grouped_rows_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
+                           std::int64_t groups, const std::vector<double>& mean_ng,
+                           const std::vector<double>& rstd_ng, const std::vector<double>& w_nc,
+                           std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
+  // One row per (sample, group), one run per channel.
+  const std::int64_t per_group = g.c / groups;
+  segmented_rows_backward(dy, x, dx, {g.n * groups, per_group * g.s, per_group, 1, 0}, mean_ng, rstd_ng, w_nc, sum_dy,
+                          sum_dy_xhat);
+}
+
+bool use_batch_planes_backward(const ChannelGeometry& g, DType dtype) {
+  if (g.channels_last) return false;
+  if (g.n == 1) return true;  // a channel's planes are one plane
+  const std::int64_t plane_bytes = g.s * element_size(dtype);
+  if (plane_bytes >= kMinChannelPlaneBytes) return false;
+  return plane_bytes >= kMaxColumnsStatsPlaneBytes || g.n * g.c * plane_bytes <= kMaxStridedPlanesBackwardBytes;
+}
+
+void batch_planes_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx, const ChannelGeometry& g,
+                           const std::vector<double>& mean_c, const std::vector<double>& rstd_c,
+                           const std::vector<double>& w_c, std::vector<double>& sum_dy,
+                           std::vector<double>& sum_dy_xhat) {
+  // One row per channel: its N planes, a sample (C * S elements) apart.
+  segmented_rows_backward(dy, x, dx, {g.c, g.s, 1, g.n, g.c * g.s}, mean_c, rstd_c, w_c, sum_dy, sum_dy_xhat);
 }
 
 }  // namespace normkit::plan
