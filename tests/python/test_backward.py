@@ -1009,15 +1009,12 @@ def test_batch_norm_backward_channel_order_matches_two_passes(dtype, restore_thr
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-def test_batch_norm_backward_channel_blocks(kernel_path, dtype, restore_threads):
-    """Planes under 1 KiB whose C * S tables pass the columns apply's limit take
-    BatchNorm's channels-first training backward a block of channels at a time
-    (each sample's planes of a block a run of at least 32 KiB) when x exceeds 16
-    MiB: 14x14 planes, 520 channels, in 13 blocks of 40 (float32) or 7 of 75
-    (16-bit); float64's 1568-byte planes take one channel per block. Against
-    float64, and the same bits on 1, 2 and 3 threads, where the threads' uneven
-    shares of the blocks send 3 threads (float32) or 2 and 3 (16-bit) to the two
-    passes over the whole batch."""
+def test_batch_norm_backward_planes_past_the_cache(kernel_path, dtype, restore_threads):
+    """BatchNorm's channels-first training backward over 17 MiB of 14x14 planes, 520
+    channels: a row per channel for planes under 1 KiB (float32, 16-bit), float64's
+    1568-byte planes a channel at a time (or the two passes over the whole batch
+    where the threads' shares of the channels are uneven). Against float64, and
+    the same bits on 1, 2 and 3 threads."""
     rng = np.random.default_rng(12)
     dt = np_dtype(dtype)
     c, side = 520, 14

@@ -842,30 +842,18 @@ GradSums channel_grad_sums(const TensorRef& x, const TensorRef& dy, const Channe
   return out;
 }
 
-namespace {
-// The channels of a block of batch_grad_by_channel (see channel_plan.hpp).
-std::int64_t batch_grad_block_channels(const ChannelGeometry& g, DType dtype) {
-  const std::int64_t plane_bytes = g.s * element_size(dtype);
-  if (plane_bytes >= kMinChannelPlaneBytes) return 1;
-  const std::int64_t most = (kMinChannelBlockRunBytes + plane_bytes - 1) / plane_bytes;
-  const std::int64_t blocks = (g.c + most - 1) / most;
-  return (g.c + blocks - 1) / blocks;  // blocks of equal size
-}
-}  // namespace
-
 bool use_batch_grad_by_channel(const ChannelGeometry& g, DType dtype) {
   const std::int64_t bytes = g.n * g.c * g.s * element_size(dtype);
   // x and dy that fit in the last-level cache are read from it again by the
   // two passes, which stream sequentially: faster than by channel ([32,64,32,32]
-  // float32 0.6-0.9 ms against 0.4-0.6; [32,512,14,14] 1.7 against 0.9). Small
-  // planes whose C * S tables fit take the columns apply (see channel_apply),
-  // faster than by block ([256,512,7,7] 8 ms against 3.6, [128,256,14,14] 4.4-4.8
-  // against 3.9).
-  if (g.channels_last || !runtime::use_streaming_stores(bytes) || small_planes_as_columns(g, dtype)) return false;
+  // float32 0.6-0.9 ms against 0.4-0.6; [32,512,14,14] 1.7 against 0.9). Planes
+  // under kMinChannelPlaneBytes take a row per channel or the columns sums
+  // (see batch_planes_backward).
+  if (g.channels_last || g.s * element_size(dtype) < kMinChannelPlaneBytes || !runtime::use_streaming_stores(bytes))
+    return false;
   const int threads = runtime::threads_for(2 * bytes);
-  const std::int64_t block = batch_grad_block_channels(g, dtype), blocks = (g.c + block - 1) / block;
-  const std::int64_t shares = (blocks + threads - 1) / threads;  // blocks of the busiest thread
-  return 8 * shares * threads <= 9 * blocks;  // at most 1/8 of the threads' time idle
+  const std::int64_t shares = (g.c + threads - 1) / threads;  // channels of the busiest thread
+  return 8 * shares * threads <= 9 * g.c;  // at most 1/8 of the threads' time idle
 }
 
 void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const TensorRef& dx, const ChannelGeometry& g,
@@ -874,63 +862,43 @@ void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const Tensor
   const auto& kernels = runtime::active_kernels();
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   const bool stream = !core::same_memory(x, dx) && !core::same_memory(dy, dx) && runtime::use_streaming_stores(bytes);
-  const std::int64_t block = batch_grad_block_channels(g, x.dtype);
-  const std::int64_t blocks = (g.c + block - 1) / block;
-  // Rows per kernel call: a block of one channel takes its N planes in one call.
-  const std::int64_t call_rows = block == 1 ? g.n : block;
-  const AccTable ones = to_acc_table(std::vector<double>(call_rows, 1.0), x.dtype);
+  const AccTable ones = to_acc_table(std::vector<double>(g.n, 1.0), x.dtype);
   runtime::run_team(runtime::threads_for(2 * bytes), [&](int id, int team) {
-    // Per plane (sample n, channel c0 + k) of a block: entry n * block + k.
-    std::vector<double> sum_dy(g.n * block), sum_dy_xc(g.n * block), sum_xc(g.n * block);
-    AccTable row_center = sized_acc_table(call_rows, x.dtype);
-    // The block's tables: centre rounded, scale, shift, dy_scale.
-    AccTable center_t = sized_acc_table(block, x.dtype), scale_t = sized_acc_table(block, x.dtype),
-             shift_t = sized_acc_table(block, x.dtype), dy_scale_t = sized_acc_table(block, x.dtype);
-    const runtime::Share share = runtime::share_of(blocks, id, team);
-    for (std::int64_t b = share.begin; b < share.end; ++b) {
-      const std::int64_t c0 = b * block, k_end = std::min(block, g.c - c0);
-      // The block's planes of sample n are contiguous: k_end planes from (n, c0).
-      // A block of one channel: its N planes in one call, C * S apart.
-      const std::int64_t calls = block == 1 ? 1 : g.n;
-      auto sample_planes = [&](std::int64_t n) {
-        return block == 1 ? PlaneRows{c0 * g.s, g.n, g.c * g.s} : PlaneRows{(n * g.c + c0) * g.s, k_end, g.s};
-      };
-      for (std::int64_t r = 0; r < call_rows; ++r) row_center.set(r, center[c0 + (block == 1 ? 0 : r % k_end)]);
+    std::vector<double> sum_dy(g.n), sum_dy_xc(g.n), sum_xc(g.n);  // per plane (sample) of the channel
+    AccTable row_center = sized_acc_table(g.n, x.dtype);
+    // The channel's tables: centre rounded, scale, shift, dy_scale.
+    AccTable center_t = sized_acc_table(1, x.dtype), scale_t = sized_acc_table(1, x.dtype),
+             shift_t = sized_acc_table(1, x.dtype), dy_scale_t = sized_acc_table(1, x.dtype);
+    const runtime::Share share = runtime::share_of(g.c, id, team);
+    for (std::int64_t c = share.begin; c < share.end; ++c) {
+      const PlaneRows planes{c * g.s, g.n, g.c * g.s};  // its N planes, C * S apart, in one call
+      for (std::int64_t n = 0; n < g.n; ++n) row_center.set(n, center[c]);
       // Sums first (dx may be x or dy).
-      for (std::int64_t n = 0; n < calls; ++n)
-        kernels.rows_backward(plane_sums_problem(x, dy, g, sample_planes(n), row_center.data(), ones.data(),
-                                                 sum_dy.data() + n * block, sum_dy_xc.data() + n * block,
-                                                 sum_xc.data() + n * block));
-      for (std::int64_t k = 0; k < k_end; ++k) {
-        const std::int64_t c = c0 + k;
-        const double shift = center[c] - round_to_stats(center[c], x.dtype);
-        ChannelGradSums s;
-        for (std::int64_t n = 0; n < g.n; ++n)  // merged over samples in order, as channel_grad_sums
-          add_recentred(s.dy, s.dy_xc, s.xc, shift, double(g.s), sum_dy[n * block + k], sum_dy_xc[n * block + k],
-                        sum_xc[n * block + k]);
-        const ChannelApplyTerms t = terms(c, s);
-        const FoldedCenter f = fold_center(t.center, t.scale, t.shift, x.dtype);  // as channel_apply
-        center_t.set(k, f.hi);
-        scale_t.set(k, t.scale);
-        shift_t.set(k, f.shift);
-        dy_scale_t.set(k, t.dy_scale);
-      }
+      kernels.rows_backward(plane_sums_problem(x, dy, g, planes, row_center.data(), ones.data(), sum_dy.data(),
+                                               sum_dy_xc.data(), sum_xc.data()));
+      const double shift = center[c] - round_to_stats(center[c], x.dtype);
+      ChannelGradSums s;
+      for (std::int64_t n = 0; n < g.n; ++n)  // merged over samples in order, as channel_grad_sums
+        add_recentred(s.dy, s.dy_xc, s.xc, shift, double(g.s), sum_dy[n], sum_dy_xc[n], sum_xc[n]);
+      const ChannelApplyTerms t = terms(c, s);
+      const FoldedCenter f = fold_center(t.center, t.scale, t.shift, x.dtype);  // as channel_apply
+      center_t.set(0, f.hi);
+      scale_t.set(0, t.scale);
+      shift_t.set(0, f.shift);
+      dy_scale_t.set(0, t.dy_scale);
       // The planes just summed, last first while in cache.
-      for (std::int64_t n = calls - 1; n >= 0; --n) {
-        const PlaneRows planes = sample_planes(n);
-        kernels::RowsForward apply = plane_apply_problem(x, dx, g, planes);
-        apply.param_period = k_end;
-        apply.weight = scale_t.data();
-        apply.bias = shift_t.data();
-        apply.apply.center = center_t.data();
-        apply.apply.dy = element_at(dy.data, planes.offset, x.dtype);
-        apply.apply.dy_row_stride = planes.row_stride;
-        apply.apply.dy_scale = dy_scale_t.data();
-        apply.store = plain_store(x.dtype);
-        apply.streaming_stores = stream;
-        apply.last_first = true;
-        kernels.rows_forward(apply);
-      }
+      kernels::RowsForward apply = plane_apply_problem(x, dx, g, planes);
+      apply.param_period = 1;
+      apply.weight = scale_t.data();
+      apply.bias = shift_t.data();
+      apply.apply.center = center_t.data();
+      apply.apply.dy = element_at(dy.data, planes.offset, x.dtype);
+      apply.apply.dy_row_stride = planes.row_stride;
+      apply.apply.dy_scale = dy_scale_t.data();
+      apply.store = plain_store(x.dtype);
+      apply.streaming_stores = stream;
+      apply.last_first = true;
+      kernels.rows_forward(apply);
     }
   });
 }

@@ -121,22 +121,16 @@ struct ChannelApplyTerms {
 };
 using ChannelGradTerms = std::function<ChannelApplyTerms(std::int64_t c, const ChannelGradSums& sums)>;
 
-// BatchNorm's training backward a block of channels at a time, channels first:
-// the block's sums about center[c] (the values channel_grad_sums gives), then
-// terms(c, sums) and the block's dx while its planes of x and dy are still in
-// cache, so x and dy come from memory once instead of twice. The blocks are
-// shared out over the threads (terms is called from them; it must not throw);
-// the values do not depend on the thread count or the block.
-// A block is one channel for planes of kMinChannelPlaneBytes and more, and
-// for smaller planes enough channels that each sample's planes of the block
-// make a run of kMinChannelBlockRunBytes: runs of a few lines at C planes'
-// distance, one per sample, defeat the prefetchers (Zen 5 EPYC, 2 threads,
-// float32: [32,1024,14,14] 4.0 ms in two passes, 4.1 in blocks of 8 channels,
-// 3.1 in blocks of 32 to 64; [64,1024,14,14] 9.8 -> 7.0; [128,512,14,14] 9.6 ->
-// 7.9; bfloat16 [64,1024,14,14] 5.0 -> 4.3).
+// BatchNorm's training backward a channel at a time, channels first, for
+// planes of kMinChannelPlaneBytes and more: the channel's sums about center[c]
+// (the values channel_grad_sums gives), then terms(c, sums) and its dx while its
+// planes of x and dy are still in cache, so x and dy come from memory once
+// instead of twice. The channels are shared out over the threads (terms is
+// called from them; it must not throw); the values do not depend on the thread
+// count. (Smaller planes: batch_planes_backward, or the two passes; blocks of
+// channels with a row per plane, part 7 of bench/RESULTS.md, gave way to it.)
 // use_batch_grad_by_channel(g, dtype): whether this beats the two passes
-// (channels first, the threads' shares even).
-constexpr std::int64_t kMinChannelBlockRunBytes = 32 * 1024;
+// (channels first, x past the cache, the threads' shares even).
 bool use_batch_grad_by_channel(const ChannelGeometry& g, DType dtype);
 void batch_grad_by_channel(const TensorRef& x, const TensorRef& dy, const TensorRef& dx, const ChannelGeometry& g,
                            const std::vector<double>& center, const ChannelGradTerms& terms);
