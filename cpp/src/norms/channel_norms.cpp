@@ -144,6 +144,18 @@ namespace {
 
 using namespace norms;
 
+// Channels first, statistics per (sample, group of channels): InstanceNorm's and
+// GroupNorm's fused rows, one pass (each row's statistics, then its output) with
+// the affine per channel.
+plan::GroupMoments grouped_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                                const TensorRef& weight, const TensorRef& bias, double eps,
+                                const kernels::StoreStage& store) {
+  plan::GroupMoments m;
+  plan::fused_group_rows(x, y, g, groups, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
+                         param_dtype(weight, bias, x.dtype), groups, eps, m, &store);
+  return m;
+}
+
 // t's entries in double (one switch per table), or n entries of `fallback`
 // when t is not given.
 std::vector<double> read_all_or(const TensorRef& t, std::int64_t n, double fallback) {
@@ -246,9 +258,7 @@ void batch_norm(const TensorRef& x, const TensorRef& y, const TensorRef& running
       // One sample: a channel's batch statistics are its plane's, and
       // InstanceNorm's fused rows write y in one pass over x (each plane's
       // statistics, then its output, while it is in cache) and one fork, not two.
-      plan::GroupMoments m;
-      plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
-                             param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
+      const plan::GroupMoments m = grouped_rows(x, y, g, g.c, weight, bias, eps, store);
       mean_c = m.mean;
       rstd_c = rstd_of(m.var, eps);
       update_batch_running(running_mean, running_var, m.mean, m.var, m.count, momentum);
@@ -302,8 +312,7 @@ void instance_norm(const TensorRef& x, const TensorRef& y, const TensorRef& runn
     if (finish_if_empty(x, mean, rstd)) return;
     plan::GroupMoments m;
     if (!g.channels_last) {
-      plan::fused_group_rows(x, y, g, g.c, weight.given ? weight.data : nullptr, bias.given ? bias.data : nullptr,
-                             param_dtype(weight, bias, x.dtype), g.c, eps, m, &store);
+      m = grouped_rows(x, y, g, g.c, weight, bias, eps, store);
     } else {
       m = plan::channels_last_groups(x, y, g, g.c, eps, store, {plan::read_all(weight), plan::read_all(bias)});
     }
@@ -335,9 +344,7 @@ void group_norm(const TensorRef& x, const TensorRef& y, std::int64_t num_groups,
 
   plan::GroupMoments m;
   if (!g.channels_last) {
-    plan::fused_group_rows(x, y, g, num_groups, weight.given ? weight.data : nullptr,
-                           bias.given ? bias.data : nullptr, param_dtype(weight, bias, x.dtype), num_groups, eps, m,
-                           &store);
+    m = grouped_rows(x, y, g, num_groups, weight, bias, eps, store);
   } else {
     m = plan::channels_last_groups(x, y, g, num_groups, eps, store, {plan::read_all(weight), plan::read_all(bias)});
   }

@@ -371,7 +371,7 @@ void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeome
   p.store = store ? *store : plain_store(x.dtype);
   const std::int64_t bytes = x.numel() * element_size(x.dtype);
   p.streaming_stores = !core::same_memory(x, y) && runtime::use_streaming_stores(bytes);
-  p.threads = runtime::threads_for(2 * bytes);
+  p.threads = runtime::threads_for_rows(2 * bytes, rows);
   dispatch_rows(p, param_period * p.segments);
 }
 

@@ -70,6 +70,8 @@ int threads_for(std::int64_t bytes) {
 #endif
 }
 
+int threads_for_rows(std::int64_t bytes, std::int64_t rows) { return threads_for(bytes + rows * kRowFixedBytes); }
+
 void run_team(int threads, const std::function<void(int, int)>& body) {
 #if defined(_OPENMP)
   if (threads > 1) {
