@@ -35,13 +35,8 @@ using plan::ChannelGeometry;
 
 bool is_16bit(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
-void write_all(const TensorRef& t, const std::vector<double>& v) {
-  if (!t.given) return;
-  for (std::int64_t i = 0; i < t.numel(); ++i) plan::write_element(t, i, v[i]);
-}
-
 void write_zeros(const TensorRef& t) {
-  if (t.given) write_all(t, std::vector<double>(t.numel(), 0.0));
+  if (t.given) plan::write_all(t, std::vector<double>(t.numel(), 0.0));
 }
 
 // dy: x's shape and dtype; dx: likewise, not overlapping dy or x unless it is one of them.
@@ -170,8 +165,8 @@ void rows_backward(kernels::RowsNorm norm, const TensorRef& dy, const TensorRef&
   }
   const plan::RowsParamGrads grads = plan::rows_backward(norm, f, dy, dyv.row_stride, x, mean, rstd, weight, dx,
                                                          dweight.given || dbias.given);
-  write_all(dweight, grads.dweight);
-  write_all(dbias, grads.dbias);
+  plan::write_all(dweight, grads.dweight);
+  plan::write_all(dbias, grads.dbias);
 }
 
 // ---- channel norms ---------------------------------------------------------------
@@ -358,8 +353,8 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
                                               {s.dy[c], s.dy_xc[c], s.xc[c]}, s.count);
     batch_training_apply(dy, x, dx, g, grads, dw, db);
   }
-  write_all(dweight, dw);
-  write_all(dbias, db);
+  plan::write_all(dweight, dw);
+  plan::write_all(dbias, db);
 }
 
 BatchNormGradSums batch_norm_grad_sums(const TensorRef& dy, const TensorRef& x, const TensorRef& mean,
@@ -400,8 +395,8 @@ void batch_norm_backward_with_sums(const TensorRef& dy, const TensorRef& x, cons
     grads[c] = batch_channel_grad(weight_at(weight, c), rstd_c[c], mean_c[c], global_sums.sum_dy[c],
                                   global_sums.sum_dy_xmu[c], global_sums.count);
   batch_training_apply(dy, x, dx, g, grads, dw, db);
-  write_all(dweight, dw);
-  write_all(dbias, db);
+  plan::write_all(dweight, dw);
+  plan::write_all(dbias, db);
 }
 
 BatchNormGradSums& BatchNormGradSums::add(const BatchNormGradSums& other) {
@@ -447,8 +442,8 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
         db[i % g.c] += s.dy[i];
       }
   }
-  write_all(dweight, dw);
-  write_all(dbias, db);
+  plan::write_all(dweight, dw);
+  plan::write_all(dbias, db);
 }
 
 void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& mean, const TensorRef& rstd,
@@ -469,8 +464,8 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
     dw[i % g.c] += a.sum_dy_xhat[i];
     db[i % g.c] += a.sum_dy[i];
   }
-  write_all(dweight, dw);
-  write_all(dbias, db);
+  plan::write_all(dweight, dw);
+  plan::write_all(dbias, db);
 }
 
 namespace {
@@ -523,8 +518,8 @@ void adaptive_instance_norm_backward(const TensorRef& dy, const TensorRef& x, co
     return;
   }
   const AffineGrads a = adain_backward(dy, x, dx, g, plan::read_all(style_std), eps);
-  write_all(dstyle_mean, a.sum_dy);
-  write_all(dstyle_std, a.sum_dy_xhat);
+  plan::write_all(dstyle_mean, a.sum_dy);
+  plan::write_all(dstyle_std, a.sum_dy_xhat);
 }
 
 }  // namespace normkit

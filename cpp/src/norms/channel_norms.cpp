@@ -171,10 +171,9 @@ std::vector<double> rstd_of(const std::vector<double>& var, double eps) {
 // r = (1 - momentum) * r + momentum * value.
 void update_running(const TensorRef& running, const std::vector<double>& values, double momentum) {
   if (!running.given) return;
-  for (std::size_t c = 0; c < values.size(); ++c) {
-    const auto i = static_cast<std::int64_t>(c);
-    plan::write_element(running, i, (1 - momentum) * plan::read_element(running, i) + momentum * values[c]);
-  }
+  std::vector<double> r = plan::read_all(running);
+  for (std::size_t c = 0; c < values.size(); ++c) r[c] = (1 - momentum) * r[c] + momentum * values[c];
+  plan::write_all(running, r);
 }
 
 // Folded normalization with known per-channel statistics (inference).

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "core/check.hpp"
 #include "kernels/kernel_api.hpp"
@@ -269,6 +270,23 @@ void write_element(const TensorRef& t, std::int64_t i, double v) {
   }
 }
 
+void write_all(const TensorRef& t, const std::vector<double>& v) {
+  if (!t.given) return;
+  // One switch per table, as read_all.
+  const auto n = static_cast<std::size_t>(std::min<std::int64_t>(t.numel(), static_cast<std::int64_t>(v.size())));
+  const auto narrow = [&v, n](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    for (std::size_t i = 0; i < n; ++i) p[i] = T(static_cast<float>(v[i]));
+  };
+  switch (t.dtype) {
+    case DType::float32: narrow(static_cast<float*>(t.data)); return;
+    case DType::float64: std::copy_n(v.begin(), n, static_cast<double*>(t.data)); return;
+    case DType::float16: narrow(static_cast<half*>(t.data)); return;
+    case DType::bfloat16: narrow(static_cast<bfloat16*>(t.data)); return;
+    default: return;  // statistics are never of a quantized type
+  }
+}
+
 ChannelGeometry channel_geometry(const TensorRef& x, std::optional<Layout> layout, const char* x_name) {
   core::check_given(x, x_name);
   core::check_float(x, x_name);
@@ -339,7 +357,7 @@ void check_running_stat(const TensorRef& t, const char* name, std::int64_t chann
 void write_stats_output(const TensorRef& t, const char* name, const std::vector<double>& values, DType x_dtype) {
   if (!t.given) return;
   core::check_stats_output(t, name, static_cast<std::int64_t>(values.size()), stats_dtype(x_dtype));
-  for (std::size_t i = 0; i < values.size(); ++i) write_element(t, static_cast<std::int64_t>(i), values[i]);
+  write_all(t, values);
 }
 
 void fused_group_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,

@@ -176,6 +176,9 @@ double read_element(const TensorRef& t, std::int64_t i);
 void write_element(const TensorRef& t, std::int64_t i, double v);
 // Every element of a float tensor as double (empty when t is not given).
 std::vector<double> read_all(const TensorRef& t);
+// v into the first elements of a contiguous float tensor (at most all of
+// them), each as write_element would (nothing when t is not given).
+void write_all(const TensorRef& t, const std::vector<double>& v);
 
 // Validates an optional (C)-shaped parameter: x's dtype, or float32 for 16-bit x.
 void check_channel_param(const TensorRef& t, const char* name, std::int64_t channels, DType x_dtype);
