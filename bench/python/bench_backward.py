@@ -81,6 +81,8 @@ BN2D_2048x7x7 = (64, 2048, 7, 7)
 BN2D_1024x14x14 = (32, 1024, 14, 14)
 # The last stage at batch 8: 3 MiB, in cache; per-call costs weigh.
 BN2D_B8_2048x7x7 = (8, 2048, 7, 7)
+# One sample of ResNet-50's last stage but one (batch-1 fine-tuning): 100 KiB; per-call costs weigh.
+BN2D_B1_512x7x7 = (1, 512, 7, 7)
 GN = (8, 320, 64, 64)
 GROUPS = 32
 EPS = 1e-5  # LayerNorm, BatchNorm, GroupNorm
@@ -111,6 +113,7 @@ CASES = {
     "bn_train_nchw_2048x7x7": ("batch_norm", BN2D_2048x7x7, "NCHW", "float32"),
     "bn_train_nchw_1024x14x14": ("batch_norm", BN2D_1024x14x14, "NCHW", "float32"),
     "bn_train_nchw_b8_2048x7x7": ("batch_norm", BN2D_B8_2048x7x7, "NCHW", "float32"),
+    "bn_train_nchw_b1_512x7x7": ("batch_norm", BN2D_B1_512x7x7, "NCHW", "float32"),
 }
 
 # Targets from the issue (2 threads): normkit's backward at least 2x PyTorch autograd's backward.

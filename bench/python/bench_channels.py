@@ -74,6 +74,8 @@ BN2D_2048x7x7 = (64, 2048, 7, 7)
 BN2D_1024x14x14 = (32, 1024, 14, 14)
 # The last stage at batch 8, as an inference server runs it: 3 MiB, in cache; per-call costs weigh.
 BN2D_B8_2048x7x7 = (8, 2048, 7, 7)
+# One sample of ResNet-50's last stage but one (batch-1 fine-tuning): 100 KiB; per-call costs weigh.
+BN2D_B1_512x7x7 = (1, 512, 7, 7)
 BN1D = (4096, 1024)
 GN = (8, 320, 64, 64)
 GN1 = (1, 320, 64, 64)  # one sample: the common inference case (issue 12), 5 MiB of float32, in cache
@@ -98,6 +100,7 @@ CASES = {
     "bn_train_nchw_1024x14x14": ("batch_norm", BN2D_1024x14x14, "NCHW", True, "float32"),
     "bn_inf_nchw_b8_2048x7x7": ("batch_norm", BN2D_B8_2048x7x7, "NCHW", False, "float32"),
     "bn_train_nchw_b8_2048x7x7": ("batch_norm", BN2D_B8_2048x7x7, "NCHW", True, "float32"),
+    "bn_train_nchw_b1_512x7x7": ("batch_norm", BN2D_B1_512x7x7, "NCHW", True, "float32"),
     "bn1d_inf": ("batch_norm", BN1D, "NC", False, "float32"),
     "gn_nchw": ("group_norm", GN, "NCHW", True, "float32"),
     "gn_nhwc": ("group_norm", GN, "NHWC", True, "float32"),

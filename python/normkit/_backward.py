@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _cuda, _ext
 from ._args import as_eps, layout_name
-from ._dtypes import as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
+from ._dtypes import DIRECT_DTYPES, as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
 from ._inputs import channel_input, rows_input
 from ._arrays import same_kind_out
 
@@ -105,6 +105,31 @@ def _channel_backward_args(dy, x, mean, rstd, weight):
     return dy, x, bf16, mean, rstd, weight, dx, dweight, dbias
 
 
+def _direct_channel_backward(dy, x, mean, rstd, weight, layout, call):
+    """The common NumPy call straight to the kernel, ``call(dx, dweight, dbias)`` on
+    fresh gradients, returning them; or None for the general intake
+    (_channel_backward_args): other array types, dtypes or memory orders, or a call the
+    core refuses (the general intake then gives its messages; the core checks every
+    argument before it writes). The intake costs about 8 us, a third of a
+    [1,512,7,7] BatchNorm backward."""
+    for a in (dy, x, mean, rstd):
+        if type(a) is not np.ndarray or not a.flags.c_contiguous:
+            return None
+    if x.dtype not in DIRECT_DTYPES or dy.dtype != x.dtype:
+        return None
+    if weight is not None and not (type(weight) is np.ndarray and weight.dtype == x.dtype and weight.flags.c_contiguous):
+        return None
+    if layout is not None and type(layout) is not str:
+        return None
+    dx = empty(x.shape, x.dtype)
+    dweight, dbias = _param_grads(weight, None if weight is None else weight.shape)
+    try:
+        call(dx, dweight, dbias)
+    except (TypeError, ValueError):
+        return None
+    return dx, dweight, dbias
+
+
 @same_kind_out
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout=None, sum_dy=None, sum_dy_xmu=None,
                         count=None, stream=None):
@@ -123,7 +148,12 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, layout
     """
     if sum_dy is not None or sum_dy_xmu is not None or count is not None:
         return _batch_norm_backward_global(dy, x, mean, rstd, weight, training, layout, sum_dy, sum_dy_xmu, count)
-    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+    if type(x) is np.ndarray:
+        grads = type(training) is bool and _direct_channel_backward(dy, x, mean, rstd, weight, layout, lambda dx, dw, db: (
+            _ext.batch_norm_backward(dy, x, mean, rstd, weight, dx, dw, db, training, layout, False)))
+        if grads:
+            return grads
+    elif _cuda.is_cuda(x):
         return _cuda.batch_norm_backward(dy, x, mean, rstd, weight, training, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.batch_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
@@ -174,7 +204,13 @@ def batch_norm_grad_sums(dy, x, mean, *, layout=None):
 @same_kind_out
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, layout=None, stream=None):
     """Gradient of ``instance_norm``: returns ``(dx, dweight, dbias)``; mean/rstd of shape (N, C)."""
-    if type(x) is not np.ndarray and _cuda.is_cuda(x):
+    if type(x) is np.ndarray:
+        grads = type(use_input_stats) is bool and _direct_channel_backward(
+            dy, x, mean, rstd, weight, layout, lambda dx, dw, db: _ext.instance_norm_backward(
+                dy, x, mean, rstd, weight, dx, dw, db, use_input_stats, layout, False))
+        if grads:
+            return grads
+    elif _cuda.is_cuda(x):
         return _cuda.instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, layout, stream)
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.instance_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, kernel_view(weight), kernel_view(dx),
@@ -190,6 +226,11 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout=No
         return _cuda.group_norm_backward(dy, x, mean, rstd, num_groups, weight, layout, stream)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected an int, got {num_groups!r}")
+    if type(x) is np.ndarray:
+        grads = _direct_channel_backward(dy, x, mean, rstd, weight, layout, lambda dx, dw, db: (
+            _ext.group_norm_backward(dy, x, mean, rstd, int(num_groups), weight, dx, dw, db, layout, False)))
+        if grads:
+            return grads
     dy, x, bf16, mean, rstd, weight, dx, dweight, dbias = _channel_backward_args(dy, x, mean, rstd, weight)
     _ext.group_norm_backward(kernel_view(dy), kernel_view(x), mean, rstd, int(num_groups), kernel_view(weight),
                              kernel_view(dx), kernel_view(dweight), kernel_view(dbias), layout_name(layout), bf16)

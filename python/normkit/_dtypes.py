@@ -139,7 +139,7 @@ def empty(shape, dtype) -> np.ndarray:
     return _ext.cached_buffer(nbytes).view(dtype).reshape(shape)
 
 
-_DIRECT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float64, np.float16))
+DIRECT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float64, np.float16))
 
 
 def direct_output(x, params, eps, out):
@@ -147,7 +147,7 @@ def direct_output(x, params, eps, out):
     needs the general intake: x a contiguous float32/64/16 NumPy array, parameters of x's
     dtype (or None), a float eps (or None), and a fresh output below the output cache's
     size or a contiguous writable NumPy ``out`` of x's dtype."""
-    if (x.dtype not in _DIRECT_DTYPES or not x.flags.c_contiguous or (type(eps) is not float and eps is not None)):
+    if (x.dtype not in DIRECT_DTYPES or not x.flags.c_contiguous or (type(eps) is not float and eps is not None)):
         return None
     for p in params:
         if p is not None and not (type(p) is np.ndarray and p.dtype == x.dtype and p.flags.c_contiguous):
