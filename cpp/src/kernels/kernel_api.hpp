@@ -148,6 +148,10 @@ struct ColumnsApply {
   std::int64_t batches = 0, rows = 0, cols = 0;
   std::int64_t block_rows = 1;  // rows per unit of work (units never cross a batch)
   std::int64_t table_stride = 0;  // >= cols + kColumnsTablePad
+  // Elements from one row to the next in x, dy and y (0: cols), as for
+  // ColumnsStats: a wider pitch applies a band of `cols` columns out of longer
+  // rows, a row at a time (streaming_stores then only for an epilogue's rows).
+  std::int64_t row_pitch = 0;
   const void* x = nullptr;
   void* y = nullptr;
   const void* scale = nullptr;
