@@ -1212,6 +1212,52 @@ def test_bit_identical_across_thread_counts(kernel_path, case, rng, restore_thre
         assert_close(results[1]["y"][sample], ref["y"], dt)
 
 
+ITEM_CASES = {
+    # name: (norm, channels-first shape, groups): how channels_last_groups cuts the work
+    # one sample in bands of whole groups (float32: 4 bands of 8 groups, 320 bytes, whole lines)
+    "gn-one-sample-bands": ("gn", (1, 320, 6, 7), 32),
+    # three samples, (float32) bands of 3 groups of 16 channels and a last band of 2
+    "gn-uneven-last-band": ("gn", (3, 128, 9, 9), 8),
+    # InstanceNorm as 40 groups of one channel: (float32) bands of 16, 16 and 8 channels
+    "in-narrow-last-band": ("in_track", (1, 40, 10, 9), 40),
+    # many small samples: runs of 5 samples per item and a last run of 2
+    "gn-sample-runs": ("gn", (47, 64, 5, 5), 8),
+    # samples past 1 MiB (float32, float64): each step's rows shared out by a team
+    "gn-rows-shared-out": ("gn", (2, 64, 64, 66), 4),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("case", list(ITEM_CASES))
+def test_channels_last_groups_in_items(kernel_path, case, dtype, rng, restore_threads):
+    """Channels-last GroupNorm / InstanceNorm in each of its ways of cutting the work
+    (bands of groups, runs of samples, rows shared out): against float64 far off zero,
+    with the same bits for 1, 2 and 3 threads."""
+    norm, shape, groups = ITEM_CASES[case]
+    dt = np_dtype(dtype)
+    c = shape[1]
+    x = in_layout(make_x(rng, shape, dt, loc=20.0), "NHWC")
+    p = {"momentum": 0.1, "eps": 1e-5, "groups": groups, "rm": None, "rv": None, "style_cf": None, "pair": None}
+    p["w"], p["b"] = make_params(rng, c, dt, "both")
+    if norm == "in_track":
+        p["rm"], p["rv"] = make_running(rng, c, stats_dtype(dt))
+    results = []
+    for n_threads in (1, 2, 3):
+        normkit.set_num_threads(n_threads)
+        results.append(call_norm(norm, x, "NHWC", p))
+    for k in ("y", "mean", "rstd", "rm", "rv"):
+        if results[0][k] is not None:
+            for r in results[1:]:
+                assert same_bits(results[0][k], r[k]), f"{k} depends on the thread count"
+    ref = ref_norm(norm, x, "NHWC", p)
+    assert_close(results[0]["y"], ref["y"], dt)
+    assert_stats_close(results[0]["mean"], ref["mean"], dt, "mean", x)
+    assert_stats_close(results[0]["rstd"], ref["rstd"], dt, "rstd")
+    if norm == "in_track":
+        assert_running_close(results[0]["rm"], ref["rm"], "running_mean")
+        assert_running_close(results[0]["rv"], ref["rv"], "running_var")
+
+
 def test_isa_env_forces_path_for_channel_norms():
     """NORMKIT_ISA=scalar gives the same channel-norm results as _set_kernel_path('scalar')."""
     script = textwrap.dedent(

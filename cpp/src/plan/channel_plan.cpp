@@ -40,6 +40,12 @@ struct AccTable {
     if (wide) d[to] = d[from];
     else f[to] = f[from];
   }
+  // Entries [at, at + count): value(k) for entry at + k, one branch per range.
+  template <class Value>
+  void fill(std::size_t at, std::int64_t count, Value&& value) {
+    if (wide) fill_as(d.get() + at, count, value);
+    else fill_as(f.get() + at, count, value);
+  }
   // Entries [at, at + count * repeat): each of v[0..count) `repeat` times.
   void fill_repeated(std::size_t at, const double* v, std::int64_t count, std::int64_t repeat) {
     if (wide) fill_repeated_as(d.get() + at, v, count, repeat);
@@ -47,6 +53,10 @@ struct AccTable {
   }
 
  private:
+  template <class A, class Value>
+  static void fill_as(A* out, std::int64_t count, Value& value) {
+    for (std::int64_t k = 0; k < count; ++k) out[k] = static_cast<A>(value(k));
+  }
   template <class A>
   static void fill_repeated_as(A* out, const double* v, std::int64_t count, std::int64_t repeat) {
     for (std::int64_t i = 0; i < count; ++i, out += repeat) std::fill(out, out + repeat, static_cast<A>(v[i]));
@@ -73,17 +83,17 @@ FoldedCenter fold_center(double center, double scale, double shift, DType x_dtyp
   return {hi, shift - (center - hi) * scale};
 }
 
-// Merges columns [c0, c1) of batch b from a columns statistics' block
-// partials (`blocks` per batch), block after block.
-Summary merge_column_partials(const kernels::ColumnsStats& p, std::int64_t blocks, std::int64_t b, std::int64_t c0,
-                              std::int64_t c1) {
-  return merge_summaries([&](auto&& visit) {
-    for (std::int64_t k = 0; k < blocks; ++k) {
-      const double count = double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows);
-      const std::int64_t base = (b * blocks + k) * p.cols;
-      for (std::int64_t c = c0; c < c1; ++c) visit(count, p.partial_mean[base + c], p.partial_m2[base + c]);
-    }
-  });
+// Columns [c0, c1) of batch b from a columns statistics' block partials
+// (`blocks` per batch): each column's blocks merged in block order, the columns
+// side by side, into col_mean / col_m2 [0, c1 - c0); returns the rows per column.
+double merge_column_blocks(const kernels::ColumnsStats& p, std::int64_t blocks, std::int64_t b, std::int64_t c0,
+                           std::int64_t c1, double* col_mean, double* col_m2) {
+  const std::int64_t first = b * blocks * p.cols + c0;
+  const double* m2 = p.partial_m2 + first;
+  return merge_sets_side_by_side(
+      blocks, c1 - c0, p.cols,
+      [&](std::int64_t k) { return double(k + 1 < blocks ? p.block_rows : p.rows - k * p.block_rows); },
+      p.partial_mean + first, [m2](std::int64_t r) { return m2[r]; }, col_mean, col_m2);
 }
 AccTable to_acc_table(const std::vector<double>& v, DType x_dtype) {
   AccTable t = sized_acc_table(v.size(), x_dtype);
@@ -490,11 +500,15 @@ GroupMoments channel_moments(const TensorRef& x, const ChannelGeometry& g, std::
   p.threads = runtime::threads_for(bytes);
   kernels.columns_stats(p);
 
+  // Every column's blocks merged side by side, then each group's columns.
   const std::int64_t per_group = per_sample ? g.c / groups : 1;
   const std::int64_t out_groups = per_sample ? groups : g.c;
+  std::vector<double> col_mean(g.c), col_m2(g.c);
   for (std::int64_t b = 0; b < p.batches; ++b) {
+    const double rows = merge_column_blocks(p, blocks, b, 0, g.c, col_mean.data(), col_m2.data());
     for (std::int64_t grp = 0; grp < out_groups; ++grp) {
-      const Summary m = merge_column_partials(p, blocks, b, grp * per_group, (grp + 1) * per_group);
+      const std::int64_t c0 = grp * per_group;
+      const Summary m = merge_equal_counts(per_group, rows, col_mean.data() + c0, col_m2.data() + c0);
       out.mean[b * out_groups + grp] = m.mean;
       out.var[b * out_groups + grp] = m.m2 / m.count;
     }
@@ -674,23 +688,99 @@ void channel_apply(const TensorRef& x, const TensorRef& y, const ChannelGeometry
   kernels.columns_apply(p);
 }
 
-GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
-                                  double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
-  GroupMoments all;
-  all.mean.resize(g.n * groups);
-  all.var.resize(g.n * groups);
-  all.count = (g.c / groups) * g.s;
-  if (x.numel() == 0) return all;
+ChannelsLastItems channels_last_items(const ChannelGeometry& g, std::int64_t groups, DType dtype) {
+  ChannelsLastItems it;
+  it.band_groups = groups;
+  const std::int64_t sample_bytes = g.s * g.c * element_size(dtype);
+  if (sample_bytes > kMaxChannelsLastItemSampleBytes) {
+    it.samples = 0;  // rows shared out instead
+    return it;
+  }
+  if (g.n >= kChannelsLastMinItems || sample_bytes == 0) {
+    const std::int64_t fit = sample_bytes > 0 ? kChannelsLastItemBytes / sample_bytes : g.n;
+    it.samples = std::clamp<std::int64_t>(fit, 1, std::max<std::int64_t>(1, g.n / kChannelsLastMinItems));
+    return it;
+  }
+  // Few samples: bands of whole groups, a whole number of cache lines wide
+  // where the groups allow (a line split between two bands is written by both).
+  const std::int64_t group_bytes = (g.c / groups) * element_size(dtype);
+  std::int64_t unit = 1;
+  while (unit < groups && (unit * group_bytes) % 64 != 0) ++unit;
+  const std::int64_t wanted = (kChannelsLastMinItems + g.n - 1) / g.n;
+  const std::int64_t per_band = (groups + wanted - 1) / wanted;
+  it.band_groups = std::min(groups, std::max(unit, (per_band + unit - 1) / unit * unit));
+  it.bands = (groups + it.band_groups - 1) / it.band_groups;
+  return it;
+}
+
+namespace {
+
+// The tables of a channels-last apply, y = (x - center) * scale + shift,
+// `entries` entries each (uninitialized: each user writes those its kernel reads).
+struct ApplyTables {
+  AccTable scale, shift, center;
+  ApplyTables(std::int64_t entries, DType x_dtype)
+      : scale(sized_acc_table(entries, x_dtype)),
+        shift(sized_acc_table(entries, x_dtype)),
+        center(sized_acc_table(entries, x_dtype)) {}
+  void copy(std::size_t to, std::size_t from) {
+    for (AccTable* t : {&scale, &shift, &center}) t->copy(to, from);
+  }
+};
+
+// Groups [g0, g1) of sample n, their columns' blocks merged into col_mean /
+// col_m2 (`rows` values each; group g0's first column at index 0, and at
+// index 0 of the affine a / b): the groups' moments into `all` (`groups` per
+// sample), their columns' entries y = (x - hi) * scale + shift (see
+// fold_center) into the tables from entry `at` on.
+void write_group_tables(std::int64_t n, std::int64_t g0, std::int64_t g1, std::int64_t groups, std::int64_t per_group,
+                        double rows, const double* col_mean, const double* col_m2, const double* a, const double* b,
+                        double eps, DType x_dtype, GroupMoments& all, ApplyTables& t, std::size_t at) {
+  for (std::int64_t grp = g0; grp < g1; ++grp) {
+    const std::int64_t k0 = (grp - g0) * per_group;
+    const Summary m = merge_equal_counts(per_group, rows, col_mean + k0, col_m2 + k0);
+    const double mean = m.mean, var = m.m2 / m.count, rstd = 1.0 / std::sqrt(var + eps);
+    all.mean[n * groups + grp] = mean;
+    all.var[n * groups + grp] = var;
+    const double hi = round_to_stats(mean, x_dtype), rest = mean - hi;
+    t.scale.fill(at + k0, per_group, [&](std::int64_t k) { return a[k0 + k] * rstd; });
+    t.shift.fill(at + k0, per_group, [&](std::int64_t k) { return b[k0 + k] - rest * (a[k0 + k] * rstd); });
+    t.center.fill(at + k0, per_group, [hi](std::int64_t) { return hi; });
+  }
+}
+
+// channels_last_groups's affine per (sample, channel): sample n's entries of
+// a table, an empty table standing for ones (a) or zeros (b).
+class AffineEntries {
+ public:
+  AffineEntries(const ChannelAffine& affine, std::int64_t c)
+      : affine_(affine), c_(c), ones_(affine.a.empty() ? c : 0, 1.0), zeros_(affine.b.empty() ? c : 0, 0.0) {}
+  const double* a(std::int64_t n) const { return entries(affine_.a, ones_, n); }
+  const double* b(std::int64_t n) const { return entries(affine_.b, zeros_, n); }
+
+ private:
+  const double* entries(const std::vector<double>& t, const std::vector<double>& unit, std::int64_t n) const {
+    if (t.empty()) return unit.data();
+    return t.data() + (static_cast<std::int64_t>(t.size()) == c_ ? 0 : n * c_);
+  }
+  const ChannelAffine& affine_;
+  std::int64_t c_;
+  std::vector<double> ones_, zeros_;
+};
+
+// Few samples too large for bands (see channels_last_items): a cache-sized
+// step of samples at a time (samples_per_step), one thread team per step
+// through the statistics (row blocks shared out), the merge and tables (shared
+// out by group) and the output re-reading the step from cache, with barriers
+// between.
+void channels_last_groups_by_rows(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g,
+                                  std::int64_t groups, double eps, const kernels::StoreStage& store,
+                                  const AffineEntries& affine, GroupMoments& all) {
   const auto& kernels = runtime::active_kernels();
   const std::int64_t step = samples_per_step(g, x.dtype);
   const std::int64_t per_group = g.c / groups;
   const std::int64_t stride = g.c + kernels::kColumnsTablePad;  // see ColumnsApply
   const std::int64_t whole_output_bytes = y.numel() * element_size(y.dtype);
-  // Sample n's entries of an affine table (null: the table is empty).
-  auto entries = [&](const std::vector<double>& t, std::int64_t n) -> const double* {
-    if (t.empty()) return nullptr;
-    return t.data() + (static_cast<std::int64_t>(t.size()) == g.c ? 0 : n * g.c);
-  };
   for (std::int64_t n0 = 0; n0 < g.n; n0 += step) {
     const std::int64_t count = std::min(step, g.n - n0);
     const TensorRef xs = sample_slice(x, n0, count), ys = sample_slice(y, n0, count);
@@ -699,23 +789,21 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
     ColumnPartials partials;  // per (sample, column) and block
     const kernels::ColumnsStats stats = columns_stats_problem(xs, count, g.s, g.c, partials);
     const std::int64_t blocks = partials.blocks;
-
-    // y = (x - hi) * scale + shift, tables per (sample, channel) laid out for the
-    // columns kernel (the pad wraps around) and filled by the merge step below.
-    AccTable scale_t = sized_acc_table(count * stride, x.dtype), shift_t = sized_acc_table(count * stride, x.dtype),
-             center_t = sized_acc_table(count * stride, x.dtype);
-    kernels::ColumnsApply apply = columns_apply_problem(xs, ys, count, g.s, g.c, scale_t.data(), shift_t.data());
-    apply.apply.center = center_t.data();
+    ApplyTables tables(count * stride, x.dtype);  // per (sample, channel), filled by the merge step
+    kernels::ColumnsApply apply =
+        columns_apply_problem(xs, ys, count, g.s, g.c, tables.scale.data(), tables.shift.data());
+    apply.apply.center = tables.center.data();
     apply.store = store;
     apply.streaming_stores =
         !core::same_memory(xs, ys) && runtime::use_streaming_stores(std::max(bytes, whole_output_bytes));
     apply.last_first = true;  // statistics just computed from the same x
     const std::int64_t apply_units = count * ((g.s + apply.block_rows - 1) / apply.block_rows);
 
-    // One team through the three steps (statistics, merge and tables, output):
-    // the merge is shared out, and barriers cost less than a second fork (a
-    // [1,1280,8,8] GroupNorm spent half its time between the two forks).
-    runtime::run_team(runtime::threads_for(2 * bytes), [&](int id, int team) {
+    // Barriers cost less than a second fork (a [1,1280,8,8] GroupNorm spent
+    // half its time between the two forks).
+    const int threads = runtime::threads_for(2 * bytes);
+    std::unique_ptr<double[]> columns(new double[threads * 2 * g.c]);  // each thread's merged columns
+    runtime::run_team(threads, [&](int id, int team) {
       kernels::ColumnsStats mine = stats;
       const runtime::Share units = runtime::share_of(count * blocks, id, team);
       mine.unit_begin = units.begin;
@@ -723,24 +811,19 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
       if (units.end > units.begin) kernels.columns_stats(mine);
       runtime::team_barrier();
 
+      // This thread's (sample, group) sets, a sample's run of groups at a time.
       const runtime::Share sets = runtime::share_of(count * groups, id, team);
-      for (std::int64_t set = sets.begin; set < sets.end; ++set) {
-        const std::int64_t i = set / groups, grp = set % groups;
-        const Summary m = merge_column_partials(stats, blocks, i, grp * per_group, (grp + 1) * per_group);
-        const double mean = m.mean, var = m.m2 / m.count, rstd = 1.0 / std::sqrt(var + eps);
-        all.mean[(n0 + i) * groups + grp] = mean;
-        all.var[(n0 + i) * groups + grp] = var;
-        const double* a = entries(affine.a, n0 + i);
-        const double* b = entries(affine.b, n0 + i);
-        for (std::int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-          const double scale = a ? a[c] * rstd : rstd;
-          const FoldedCenter f = fold_center(mean, scale, b ? b[c] : 0.0, x.dtype);
-          for (std::int64_t j = c; j < stride; j += g.c) {  // column c and the pad entries that repeat it
-            scale_t.set(i * stride + j, scale);
-            shift_t.set(i * stride + j, f.shift);
-            center_t.set(i * stride + j, f.hi);
-          }
-        }
+      double* col_mean = columns.get() + id * 2 * g.c;
+      double* col_m2 = col_mean + g.c;
+      for (std::int64_t set = sets.begin; set < sets.end;) {
+        const std::int64_t i = set / groups, g0 = set % groups, g1 = std::min(groups, g0 + (sets.end - set));
+        const std::int64_t c0 = g0 * per_group, c1 = g1 * per_group;
+        const double rows = merge_column_blocks(stats, blocks, i, c0, c1, col_mean, col_m2);
+        write_group_tables(n0 + i, g0, g1, groups, per_group, rows, col_mean, col_m2, affine.a(n0 + i) + c0,
+                           affine.b(n0 + i) + c0, eps, x.dtype, all, tables, i * stride + c0);
+        for (std::int64_t c = c0; c < c1 && c < stride - g.c; ++c)  // the pad entries that repeat these columns
+          for (std::int64_t j = c + g.c; j < stride; j += g.c) tables.copy(i * stride + j, i * stride + c);
+        set += g1 - g0;
       }
       runtime::team_barrier();
 
@@ -751,6 +834,100 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
       if (out_units.end > out_units.begin) kernels.columns_apply(out);
     });
   }
+}
+
+}  // namespace
+
+GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const ChannelGeometry& g, std::int64_t groups,
+                                  double eps, const kernels::StoreStage& store, const ChannelAffine& affine) {
+  GroupMoments all;
+  all.mean.resize(g.n * groups);
+  all.var.resize(g.n * groups);
+  all.count = (g.c / groups) * g.s;
+  if (x.numel() == 0) return all;
+  const AffineEntries entries(affine, g.c);
+  const ChannelsLastItems plan = channels_last_items(g, groups, x.dtype);
+  if (plan.samples == 0) {
+    channels_last_groups_by_rows(x, y, g, groups, eps, store, entries, all);
+    return all;
+  }
+  const auto& kernels = runtime::active_kernels();
+  const std::int64_t per_group = g.c / groups;
+  const std::int64_t band_cols = plan.band_groups * per_group;  // the widest band
+  const std::int64_t stride = band_cols + kernels::kColumnsTablePad;  // see ColumnsApply
+  const std::int64_t runs = (g.n + plan.samples - 1) / plan.samples, items = runs * plan.bands;
+  const std::int64_t block_rows = columns_block_rows(g.s, band_cols, x.dtype, 1);
+  const std::int64_t blocks = (g.s + block_rows - 1) / block_rows;
+  const std::int64_t bytes = x.numel() * element_size(x.dtype);
+  const bool streaming =
+      plan.bands == 1 && !core::same_memory(x, y) &&
+      runtime::use_streaming_stores(std::max(bytes, y.numel() * std::int64_t(element_size(y.dtype))));
+
+  // Each thread's partials, merged columns and tables, allocated here (freed
+  // in a team thread, glibc gave them back to the system: see part 7 of
+  // bench/RESULTS.md) and uninitialized (every entry read is written first).
+  struct Scratch {
+    std::unique_ptr<double[]> partials, columns;
+    ApplyTables tables;
+  };
+  const int threads = static_cast<int>(std::min<std::int64_t>(runtime::threads_for(2 * bytes), items));
+  std::vector<Scratch> scratch;
+  scratch.reserve(threads);
+  for (int t = 0; t < threads; ++t)
+    scratch.push_back({std::unique_ptr<double[]>(new double[2 * plan.samples * blocks * band_cols]),
+                       std::unique_ptr<double[]>(new double[2 * band_cols]),
+                       ApplyTables(plan.samples * stride, x.dtype)});
+  const std::size_t esize = element_size(x.dtype), out_size = element_size(y.dtype);
+
+  // Items of (a run of samples, a band of groups), each start to finish on one
+  // thread: its columns' statistics, the merge and tables, then its output
+  // while the item is in cache. No barriers, and an item's values depend on
+  // the shape alone (not on the thread count).
+  runtime::run_team(threads, [&](int id, int team) {
+    Scratch& mine = scratch[id];
+    const runtime::Share share = runtime::share_of(items, id, team);
+    for (std::int64_t item = share.begin; item < share.end; ++item) {
+      const std::int64_t n0 = (item / plan.bands) * plan.samples, count = std::min(plan.samples, g.n - n0);
+      const std::int64_t g0 = (item % plan.bands) * plan.band_groups;
+      const std::int64_t g1 = std::min(groups, g0 + plan.band_groups);
+      const std::int64_t c0 = g0 * per_group, cols = (g1 - g0) * per_group;
+      const std::int64_t first = n0 * g.s * g.c + c0;  // element of x and y
+
+      kernels::ColumnsStats stats;
+      stats.dtype = x.dtype;
+      stats.batches = count;
+      stats.rows = g.s;
+      stats.cols = cols;
+      stats.block_rows = block_rows;
+      stats.row_pitch = g.c;
+      stats.x = static_cast<const char*>(x.data) + first * esize;
+      stats.partial_mean = mine.partials.get();
+      stats.partial_m2 = mine.partials.get() + plan.samples * blocks * band_cols;
+      kernels.columns_stats(stats);
+
+      double* col_mean = mine.columns.get();
+      double* col_m2 = col_mean + band_cols;
+      for (std::int64_t i = 0; i < count; ++i) {
+        const double rows = merge_column_blocks(stats, blocks, i, 0, cols, col_mean, col_m2);
+        write_group_tables(n0 + i, g0, g1, groups, per_group, rows, col_mean, col_m2, entries.a(n0 + i) + c0,
+                           entries.b(n0 + i) + c0, eps, x.dtype, all, mine.tables, i * stride);
+        for (std::int64_t j = cols; j < cols + kernels::kColumnsTablePad; ++j)  // the pad repeats the columns
+          mine.tables.copy(i * stride + j, i * stride + j % cols);
+      }
+
+      kernels::ColumnsApply apply =
+          columns_apply_problem(x, y, count, g.s, cols, mine.tables.scale.data(), mine.tables.shift.data());
+      apply.table_stride = stride;
+      apply.row_pitch = g.c;
+      apply.x = static_cast<const char*>(x.data) + first * esize;
+      apply.y = static_cast<char*>(y.data) + first * out_size;
+      apply.apply.center = mine.tables.center.data();
+      apply.store = store;
+      apply.streaming_stores = streaming;
+      apply.last_first = true;  // statistics just computed from the same x
+      kernels.columns_apply(apply);
+    }
+  });
   return all;
 }
 

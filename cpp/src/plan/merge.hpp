@@ -5,6 +5,7 @@
 // (normkit/moments.hpp) merged across shards.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -79,26 +80,51 @@ inline Summary merge_equal_counts(std::int64_t parts, double n, const double* me
   return out;
 }
 
-// merge_summaries for `sets` sets side by side, from parts given as mean and
-// variance: part i of set j is (n, mean[i * sets + j], var[i * sets + j] * n),
-// every part counting n > 0. The same operations per set, in the same order,
-// as merge_summaries; the parts are read in memory order, part after part,
-// where one set at a time read them `sets` apart (BatchNorm's planes merged
-// over the samples: 8% of a [256,512,7,7] call in cache misses). Writes each
-// set's mean and variance (M2 / count).
+// merge_summaries for `sets` sets side by side: part i of set j is
+// (count(i), mean[i * pitch + j], part_m2(i * pitch + j)), every count(i) > 0.
+// The same operations per set, in the same order, as merge_summaries over the
+// set's parts, but for a multiplication by 1 / count for its division (one
+// per set: a tenth of a [1,1280,8,8] GroupNorm), the parts read in memory order, part after
+// part, where one set at a time read them `pitch` apart (BatchNorm's planes
+// merged over the samples: 8% of a [256,512,7,7] call in cache misses; the
+// columns statistics' blocks: a third of a [1,1280,8,8] GroupNorm). Writes
+// each set's mean and M2 (no allocation: the sums run in the outputs) and
+// returns the sets' count.
+template <class Count, class PartM2>
+double merge_sets_side_by_side(std::int64_t parts, std::int64_t sets, std::int64_t pitch, Count&& count,
+                               const double* mean, PartM2&& part_m2, double* out_mean, double* out_m2) {
+  const double* reference = mean;  // the first part of every set
+  double total = 0;
+  std::fill(out_mean, out_mean + sets, 0.0);  // sum of n * (mean - reference) first
+  for (std::int64_t i = 0; i < parts; ++i) {
+    const double n = count(i);
+    const double* part = mean + i * pitch;
+    total += n;
+    for (std::int64_t j = 0; j < sets; ++j) out_mean[j] += n * (part[j] - reference[j]);
+  }
+  const double inv_total = 1.0 / total;
+  for (std::int64_t j = 0; j < sets; ++j) out_mean[j] = reference[j] + out_mean[j] * inv_total;
+  std::fill(out_m2, out_m2 + sets, 0.0);
+  for (std::int64_t i = 0; i < parts; ++i) {
+    const double n = count(i);
+    const double* part = mean + i * pitch;
+    for (std::int64_t j = 0; j < sets; ++j) {
+      const double d = part[j] - out_mean[j];
+      out_m2[j] += part_m2(i * pitch + j) + n * d * d;
+    }
+  }
+  return total;
+}
+
+// merge_sets_side_by_side of parts given as mean and variance, each counting
+// n > 0 (part i of set j at i * sets + j); writes each set's mean and
+// variance (M2 / count).
 inline void merge_side_by_side(std::int64_t parts, std::int64_t sets, double n, const double* mean, const double* var,
                                double* out_mean, double* out_var) {
-  const double count = double(parts) * n;
-  std::vector<double> sum(sets, 0.0), m2(sets, 0.0);
-  const double* reference = mean;  // the first part of every set
-  for (std::int64_t i = 0, r = 0; i < parts; ++i)
-    for (std::int64_t j = 0; j < sets; ++j, ++r) sum[j] += n * (mean[r] - reference[j]);
-  for (std::int64_t j = 0; j < sets; ++j) out_mean[j] = reference[j] + sum[j] / count;
-  for (std::int64_t i = 0, r = 0; i < parts; ++i)
-    for (std::int64_t j = 0; j < sets; ++j, ++r) {
-      const double d = mean[r] - out_mean[j];
-      m2[j] += var[r] * n + n * d * d;
-    }
+  std::vector<double> m2(sets);
+  const double count = merge_sets_side_by_side(
+      parts, sets, sets, [n](std::int64_t) { return n; }, mean, [&](std::int64_t r) { return var[r] * n; },
+      out_mean, m2.data());
   for (std::int64_t j = 0; j < sets; ++j) out_var[j] = m2[j] / count;
 }
 
