@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _cuda, _ext
 from ._args import as_eps, layout_name
-from ._dtypes import DIRECT_DTYPES, as_input, as_params, empty, is_bf16, kernel_view, stats_dtype
+from ._dtypes import DIRECT_DTYPES, as_input, as_params, empty, is_bf16, is_plain, kernel_view, stats_dtype
 from ._inputs import channel_input, rows_input
 from ._arrays import same_kind_out
 
@@ -112,12 +112,14 @@ def _direct_channel_backward(dy, x, mean, rstd, weight, layout, call):
     core refuses (the general intake then gives its messages; the core checks every
     argument before it writes). The intake costs about 8 us, a third of a
     [1,512,7,7] BatchNorm backward."""
-    for a in (dy, x, mean, rstd):
+    for a in (mean, rstd):  # in the statistics' dtype, checked by the core
         if type(a) is not np.ndarray or not a.flags.c_contiguous:
             return None
-    if x.dtype not in DIRECT_DTYPES or dy.dtype != x.dtype:
+    if type(x) is not np.ndarray or not x.flags.c_contiguous or x.dtype not in DIRECT_DTYPES:
         return None
-    if weight is not None and not (type(weight) is np.ndarray and weight.dtype == x.dtype and weight.flags.c_contiguous):
+    if not is_plain(dy, x.dtype):
+        return None
+    if weight is not None and not is_plain(weight, x.dtype):
         return None
     if layout is not None and type(layout) is not str:
         return None

@@ -59,7 +59,7 @@ def as_params(x_dtype, *named):
     # Fast path (the common call): contiguous NumPy arrays already of x's dtype.
     ready = []
     for p, _ in named:
-        if p is not None and not (type(p) is np.ndarray and p.dtype == x_dtype and p.flags.c_contiguous):
+        if p is not None and not is_plain(p, x_dtype):
             break
         ready.append(p)
     else:
@@ -142,6 +142,12 @@ def empty(shape, dtype) -> np.ndarray:
 DIRECT_DTYPES = frozenset(np.dtype(d) for d in (np.float32, np.float64, np.float16))
 
 
+def is_plain(a, dtype):
+    """``a`` is a C-contiguous NumPy array (not a subclass) of ``dtype``: what the
+    fast paths (as_params, call_direct, the backward's) take as it is."""
+    return type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous
+
+
 def direct_output(x, params, eps, out):
     """The output of a plain NumPy call that may go straight to the kernel, or None when it
     needs the general intake: x a contiguous float32/64/16 NumPy array, parameters of x's
@@ -150,13 +156,13 @@ def direct_output(x, params, eps, out):
     if (x.dtype not in DIRECT_DTYPES or not x.flags.c_contiguous or (type(eps) is not float and eps is not None)):
         return None
     for p in params:
-        if p is not None and not (type(p) is np.ndarray and p.dtype == x.dtype and p.flags.c_contiguous):
+        if p is not None and not is_plain(p, x.dtype):
             return None
     if out is None:
         if x.nbytes >= CACHED_OUTPUT_MIN_BYTES:
             return None  # served from the output cache by the general intake
         return np.empty(x.shape, x.dtype)
-    if type(out) is np.ndarray and out.dtype == x.dtype and out.flags.c_contiguous and out.flags.writeable:
+    if is_plain(out, x.dtype) and out.flags.writeable:
         return out
     return None
 

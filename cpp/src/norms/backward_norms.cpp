@@ -175,6 +175,15 @@ double weight_at(const TensorRef& weight, std::int64_t c) {
   return weight.given ? plan::read_element(weight, c) : 1.0;
 }
 
+// The C weights (ones when not given) `samples` times over: per channel, or
+// per (sample, channel) for the per-sample norms.
+std::vector<double> weights_per_sample(const TensorRef& weight, std::int64_t c, std::int64_t samples) {
+  const std::vector<double> w = weight.given ? plan::read_all(weight) : std::vector<double>(c, 1.0);
+  std::vector<double> out(samples * c);
+  for (std::int64_t n = 0; n < samples; ++n) std::copy(w.begin(), w.end(), out.begin() + n * c);
+  return out;
+}
+
 // Gradient of a norm with statistics per (sample, group) and an affine weight
 // per (sample, channel) `w_nc` (GroupNorm, InstanceNorm, AdaIN). Writes dx;
 // returns per (sample, channel) sums of dy and of dy * xhat.
@@ -333,9 +342,7 @@ void batch_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
       }
   } else if (plan::use_batch_planes_backward(g, x.dtype)) {
     // A row per channel: its planes' sums, then its dx while they are in cache.
-    std::vector<double> w_c(g.c);
-    for (std::int64_t c = 0; c < g.c; ++c) w_c[c] = weight_at(weight, c);
-    plan::batch_planes_backward(dy, x, dx, g, mean_c, rstd_c, w_c, db, dw);
+    plan::batch_planes_backward(dy, x, dx, g, mean_c, rstd_c, weights_per_sample(weight, g.c, 1), db, dw);
   } else if (plan::use_batch_grad_by_channel(g, x.dtype)) {
     // Channels first: each channel's sums and dx while it is in cache.
     plan::batch_grad_by_channel(x, dy, dx, g, mean_c, [&](std::int64_t c, const plan::ChannelGradSums& s) {
@@ -423,8 +430,8 @@ void instance_norm_backward(const TensorRef& dy, const TensorRef& x, const Tenso
     return;
   }
   const std::vector<double> mean_nc = plan::read_all(mean), rstd_nc = plan::read_all(rstd);
-  std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
-  for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
+  const std::vector<double> w_nc = weights_per_sample(weight, g.c, g.n);
+  std::vector<double> dw(g.c, 0.0), db(g.c, 0.0);
   if (use_input_stats) {
     const AffineGrads a = per_sample_backward(dy, x, dx, g, g.c, mean_nc, rstd_nc, w_nc);
     for (std::int64_t i = 0; i < g.n * g.c; ++i) {  // samples merged in order
@@ -457,8 +464,8 @@ void group_norm_backward(const TensorRef& dy, const TensorRef& x, const TensorRe
     write_zeros(dbias);
     return;
   }
-  std::vector<double> w_nc(g.n * g.c), dw(g.c, 0.0), db(g.c, 0.0);
-  for (std::int64_t i = 0; i < g.n * g.c; ++i) w_nc[i] = weight_at(weight, i % g.c);
+  const std::vector<double> w_nc = weights_per_sample(weight, g.c, g.n);
+  std::vector<double> dw(g.c, 0.0), db(g.c, 0.0);
   const AffineGrads a = per_sample_backward(dy, x, dx, g, num_groups, plan::read_all(mean), plan::read_all(rstd), w_nc);
   for (std::int64_t i = 0; i < g.n * g.c; ++i) {
     dw[i % g.c] += a.sum_dy_xhat[i];
