@@ -150,7 +150,8 @@ struct ColumnsApply {
   std::int64_t table_stride = 0;  // >= cols + kColumnsTablePad
   // Elements from one row to the next in x, dy and y (0: cols), as for
   // ColumnsStats: a wider pitch applies a band of `cols` columns out of longer
-  // rows, a row at a time (streaming_stores then only for an epilogue's rows).
+  // rows, a few rows per load of the tables (columns_apply_band; streaming_stores
+  // then only for an epilogue's rows).
   std::int64_t row_pitch = 0;
   const void* x = nullptr;
   void* y = nullptr;
