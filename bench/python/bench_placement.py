@@ -39,6 +39,8 @@ CASES = {
                     lambda x, y: normkit.group_norm(x, 32, out=y)),
     "gn_nhwc_f32": ("GroupNorm G=32 [8,64,64,320] NHWC float32", (8, 64, 64, 320), "float32",
                     lambda x, y: normkit.group_norm(x, 32, layout="NHWC", out=y)),
+    "gn_nhwc_f16": ("GroupNorm G=32 [8,64,64,320] NHWC float16", (8, 64, 64, 320), "float16",
+                    lambda x, y: normkit.group_norm(x, 32, layout="NHWC", out=y)),
     "bn_nhwc_f32": ("BatchNorm2d inference [32,56,56,64] NHWC float32", (32, 56, 56, 64), "float32",
                     lambda x, y: normkit.batch_norm(x, np.zeros(64, np.float32), np.ones(64, np.float32),
                                                     layout="NHWC", out=y)),

@@ -283,7 +283,7 @@ NB_MODULE(_ext, m) {
         size_t shape[1] = {nbytes};
         return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(p, 1, shape, keeper);
       },
-      "nbytes"_a, "A 1-D uint8 NumPy array of nbytes from the output cache (64-byte aligned).");
+      "nbytes"_a, "A 1-D uint8 NumPy array of nbytes from the output cache (on a 2 MiB boundary).");
   m.def(
       "set_output_cache_limit",
       [](int64_t bytes) {

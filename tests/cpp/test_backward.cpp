@@ -301,9 +301,12 @@ TEST_P(Backward, Float32LayerNormWithLargeMeanMatchesFloat64) {
 }
 
 // Wherever dx lies relative to x and dy (a few bytes above either modulo 4 KiB
-// included): the same bits, and nothing beside dx written.
-TEST_P(Backward, DxPlacementDoesNotChangeTheBits) {
-  const int64_t rows = 24, cols = 1000, n = 2, groups = 2, c = 4, s = 1000;
+// included): the same bits, and nothing beside dx written. The large size is
+// past the streaming-store threshold, where dx just above x or dy takes the
+// writers' loads-ahead loop (loads_ahead in store_stage.inc).
+static void expect_dx_placement_does_not_change_the_bits(int64_t rows, int64_t cols) {
+  SCOPED_TRACE("[" + std::to_string(rows) + "," + std::to_string(cols) + "]");
+  const int64_t n = 2, groups = 2, c = 4, s = rows * cols / (n * c);
   auto xd = random_vector(rows * cols, 41), dyd = random_vector(rows * cols, 42), wd = random_vector(cols, 43);
   std::vector<float> x(xd.begin(), xd.end()), dy(dyd.begin(), dyd.end()), w(wd.begin(), wd.end());
   auto fv = [](std::vector<float>& v, const nk::Dims& d) { return nk::TensorView<float>(v.data(), d); };
@@ -331,15 +334,22 @@ TEST_P(Backward, DxPlacementDoesNotChangeTheBits) {
     out.insert(out.end(), dx, dx + x.size());
     const int64_t start = dx - buf.data(), end = start + static_cast<int64_t>(x.size());
     for (int64_t i = 0; i < static_cast<int64_t>(buf.size()); ++i) {
-      if (i < start || i >= end) EXPECT_EQ(buf[i], 7.0f) << "wrote beside dx at " << i - start;
+      if (i < start || i >= end) {
+        EXPECT_EQ(buf[i], 7.0f) << "wrote beside dx at " << i - start;
+      }
     }
     return out;
   };
   const auto expected = run(placed(x.data(), 2048));
   for (const float* base : {x.data(), dy.data()})
-    for (int64_t offset : {0, 4, 16, 32, 48, 200, 1040, 4080})
+    for (int64_t offset : {0, 4, 16, 32, 48, 64, 100, 128, 200, 1040, 4080})
       EXPECT_EQ(run(placed(base, offset)), expected) << "dx at " << (base == x.data() ? "x" : "dy") << " + "
                                                      << offset << " mod 4096";
+}
+
+TEST_P(Backward, DxPlacementDoesNotChangeTheBits) {
+  expect_dx_placement_does_not_change_the_bits(24, 1000);
+  expect_dx_placement_does_not_change_the_bits(4100, 1024);  // 16 MiB: streamed
 }
 
 // Fixed blocks merged in a fixed order: the same bits for 1 and 2 threads.
