@@ -693,7 +693,7 @@ ChannelsLastItems channels_last_items(const ChannelGeometry& g, std::int64_t gro
   it.band_groups = groups;
   const std::int64_t sample_bytes = g.s * g.c * element_size(dtype);
   if (sample_bytes > kMaxChannelsLastItemSampleBytes) {
-    it.samples = 0;  // rows shared out instead
+    it.by_rows = true;
     return it;
   }
   if (g.n >= kChannelsLastMinItems || sample_bytes == 0) {
@@ -847,7 +847,7 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
   if (x.numel() == 0) return all;
   const AffineEntries entries(affine, g.c);
   const ChannelsLastItems plan = channels_last_items(g, groups, x.dtype);
-  if (plan.samples == 0) {
+  if (plan.by_rows) {
     channels_last_groups_by_rows(x, y, g, groups, eps, store, entries, all);
     return all;
   }

@@ -170,13 +170,14 @@ GroupMoments channels_last_groups(const TensorRef& x, const TensorRef& y, const 
 // that there are items for every thread whatever N is (N = 1 is the common
 // inference case). Fixed by the shape, so the values do not depend on the thread count.
 // Items only for samples up to kMaxChannelsLastItemSampleBytes: larger ones
-// (samples = 0) go a cache-sized step at a time, each step's rows shared out
+// (by_rows) go a cache-sized step at a time, each step's rows shared out
 // by a team (measured: whole samples of [8,320,64,64] per thread 1.3-1.5x
 // slower, narrow bands of [1,320,32,32] / [1,320,64,64] 10-40% slower).
 constexpr std::int64_t kMaxChannelsLastItemSampleBytes = 1024 * 1024;
 constexpr std::int64_t kChannelsLastItemBytes = 256 * 1024;
 constexpr std::int64_t kChannelsLastMinItems = 8;
 struct ChannelsLastItems {
+  bool by_rows = false;  // no items: the samples are too large (see above)
   std::int64_t samples = 1, band_groups = 0, bands = 1;
 };
 ChannelsLastItems channels_last_items(const ChannelGeometry& g, std::int64_t groups, DType dtype);
